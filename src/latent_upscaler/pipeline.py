@@ -260,8 +260,8 @@ class StableDiffusionLatentUpscalePipeline:
         shape = (batch_size, self.vae.config.latent_channels, 2 * low_res.shape[2], 2 * low_res.shape[3])
         if latents is None:
             latents = randn(shape, generator=generator, device=device, dtype=dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape} for this image batch")
+        else:
+            latents = self._check_latents(latents, shape, prepared)
         # the sampler's arithmetic runs in float32 whatever the model dtype, as diffusers' scheduler does
         x = (latents.to(device=device, dtype=dtype) * schedule.init_noise_sigma.to(device)).float()
 
@@ -282,6 +282,16 @@ class StableDiffusionLatentUpscalePipeline:
         if not return_dict:
             return (images,)
         return StableDiffusionPipelineOutput(images=images)
+
+    @staticmethod
+    def _check_latents(latents: torch.Tensor, shape: tuple, prepared: imgs.PreparedImage) -> torch.Tensor:
+        """User noise of the padded shape, or of exactly twice the input (then padded like the input)."""
+        exact = (shape[0], shape[1], -(-2 * prepared.height // imgs.VAE_SCALE), -(-2 * prepared.width // imgs.VAE_SCALE))
+        if tuple(latents.shape) == shape:
+            return latents
+        if tuple(latents.shape) == exact:
+            return imgs.pad_bottom_right(latents, shape[2], shape[3])
+        raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {exact} for this image batch")
 
     def _sample(self, model, x, sigmas, cond, timesteps, callback, callback_steps):
         """Euler over ``sigmas`` with a progress bar; the legacy callback sees each step's result."""
