@@ -1,0 +1,277 @@
+"""The layers of the K-UNet: noise-level features, adaptive group norm, resnet, attention, K resamplers.
+
+Attribute names reproduce diffusers' state-dict keys (``norm1.linear``, ``attn2.norm_cross``,
+``attn2.to_out.0``, ``conv_shortcut``), so hub checkpoints load strictly. Layouts: images are NCHW;
+token sequences are (batch, tokens, width); ``emb`` is the (batch, time_embed_dim) noise-level
+embedding that conditions every normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: the activations diffusers' ``get_activation`` knows (looked up lower-cased, like diffusers)
+ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "mish": nn.Mish, "relu": nn.ReLU}
+
+#: channels per group of every GroupNorm in the K blocks (groups = channels // 32)
+GROUP_SIZE = 32
+
+
+def activation(name: str) -> nn.Module:
+    """The activation called ``name`` in a diffusers config (GELU is the exact, erf-based one)."""
+    return ACTIVATIONS[name.lower()]()
+
+
+# ------------------------------------------------------------------------------------------------
+# Noise-level embedding
+
+
+class FourierFeatures(nn.Module):
+    """Random Fourier features of the noise level: ``[cos 2πtW, sin 2πtW]`` (``flip_sin_to_cos``).
+
+    ``weight`` holds fixed frequencies W drawn from N(0, 1) at training time; it is stored in the
+    checkpoint (``time_proj.weight``) but never trained.
+    """
+
+    def __init__(self, num_frequencies: int, flip_sin_to_cos: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_frequencies), requires_grad=False)
+        self.flip_sin_to_cos = flip_sin_to_cos
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``: (B,) noise levels ``c_noise = ln(sigma) / 4``, usually float32 (the product is
+        computed in the promoted dtype of ``t`` and ``weight``). Returns (B, 2 * num_frequencies)."""
+        angles = t[:, None] * self.weight[None, :] * 2 * math.pi
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        return torch.cat([cos, sin] if self.flip_sin_to_cos else [sin, cos], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP from Fourier features (plus a projected condition vector) to the block embedding ``emb``.
+
+    ``emb = post_act(linear_2(act(linear_1(features + cond_proj(cond)))))``; ``cond_proj`` has no
+    bias and exists only when ``cond_dim`` is set.
+    """
+
+    def __init__(self, in_dim: int, dim: int, act: str, post_act: Optional[str], cond_dim: Optional[int]):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.cond_proj = None if cond_dim is None else nn.Linear(cond_dim, in_dim, bias=False)
+        self.act = activation(act)
+        self.linear_2 = nn.Linear(dim, dim)
+        self.post_act = None if post_act is None else activation(post_act)
+
+    def forward(self, features: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``features``: (B, in_dim) Fourier features; ``cond``: (B, cond_dim) or None (for the
+        upscaler: 128 noise-augmentation features then the 768 pooled CLIP text embedding)."""
+        if cond is not None:
+            if self.cond_proj is None:
+                raise ValueError("timestep_cond was given but the config has time_cond_proj_dim = None")
+            features = features + self.cond_proj(cond)
+        emb = self.linear_2(self.act(self.linear_1(features)))
+        return emb if self.post_act is None else self.post_act(emb)
+
+
+# ------------------------------------------------------------------------------------------------
+# Normalisation and resnet
+
+
+class AdaGroupNorm(nn.Module):
+    """GroupNorm without affine parameters, modulated by the embedding: ``gn(x) * (1 + scale) + shift``.
+
+    ``linear`` maps ``emb`` to ``[scale | shift]`` (first half scale), one pair per channel.
+    """
+
+    def __init__(self, emb_dim: int, channels: int, groups: int, eps: float = 1e-5):
+        super().__init__()
+        self.groups = groups
+        self.eps = eps
+        self.linear = nn.Linear(emb_dim, 2 * channels)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``x``: (B, channels, H, W); ``emb``: (B, emb_dim). Returns the layout of ``x``."""
+        scale, shift = self.linear(emb)[:, :, None, None].chunk(2, dim=1)
+        return F.group_norm(x, self.groups, eps=self.eps) * (1 + scale) + shift
+
+
+class ResnetBlock(nn.Module):
+    """``shortcut(x) + conv2(act(norm2(conv1(act(norm1(x))))))`` with embedding-modulated norms.
+
+    Channels go ``in_channels`` → (conv1) ``mid_channels`` → (conv2) ``out_channels``; the 1×1
+    ``conv_shortcut`` (no bias) exists iff ``in_channels != out_channels``. ``groups_in`` and
+    ``groups_mid`` are the group counts of norm1 and norm2 (diffusers derives both from block
+    widths, see ``unet.py``). Dropout (0 in every released config) is left out.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        mid_channels: int,
+        out_channels: int,
+        emb_dim: int,
+        groups_in: int,
+        groups_mid: int,
+        eps: float,
+        act: str,
+    ):
+        super().__init__()
+        self.norm1 = AdaGroupNorm(emb_dim, in_channels, groups_in, eps)
+        self.conv1 = nn.Conv2d(in_channels, mid_channels, 3, padding=1)
+        self.norm2 = AdaGroupNorm(emb_dim, mid_channels, groups_mid, eps)
+        self.conv2 = nn.Conv2d(mid_channels, out_channels, 3, padding=1)
+        self.act = activation(act)
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else None
+        )
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``x``: (B, in_channels, H, W); ``emb``: (B, emb_dim). Returns (B, out_channels, H, W)."""
+        h = self.conv1(self.act(self.norm1(x, emb)))
+        h = self.conv2(self.act(self.norm2(h, emb)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention
+
+
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An encoder-token mask as the additive bias SDPA takes, shape (B, 1, 1, T) in ``dtype``.
+
+    ``mask``: (B, T), bool (True = attend; False gets -10000, as in diffusers and the original
+    k-diffusion model) or an additive float bias used as it is.
+    """
+    if mask.dtype == torch.bool:
+        mask = (1 - mask.to(dtype)) * -10000.0
+    return mask.to(dtype)[:, None, None, :]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with biased q/k/v/out projections, ``softmax(q kᵀ / √head_dim) v``.
+
+    Self-attention when ``context_dim`` is None; otherwise cross-attention over context tokens that
+    are first normalised by ``norm_cross`` (LayerNorm over ``context_dim``).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: Optional[int] = None):
+        super().__init__()
+        self.heads = heads
+        inner = heads * head_dim
+        self.norm_cross = None if context_dim is None else nn.LayerNorm(context_dim)
+        kv_dim = dim if context_dim is None else context_dim
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(kv_dim, inner)
+        self.to_v = nn.Linear(kv_dim, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # key ``to_out.0``, as in diffusers
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: Optional[torch.Tensor] = None,
+        context_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``x``: (B, L, dim) queries; ``context``: (B, T, context_dim) for cross-attention, ignored
+        for self-attention; ``context_mask``: (B, T) bool/additive (see :func:`attention_bias`) or an
+        additive bias broadcastable to (B, heads, L, T); None attends to every token.
+        Returns (B, L, dim)."""
+        batch = x.shape[0]
+        q = self.to_q(x)
+        source = x if self.norm_cross is None else self.norm_cross(context)
+        k, v = self.to_k(source), self.to_v(source)
+        q, k, v = (t.view(batch, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
+        if context_mask is not None and (context_mask.dtype == torch.bool or context_mask.ndim == 2):
+            context_mask = attention_bias(context_mask, q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=context_mask)
+        out = out.transpose(1, 2).reshape(batch, -1, q.shape[1] * q.shape[3])
+        return self.to_out[0](out)
+
+
+class AttentionBlock(nn.Module):
+    """diffusers' ``KAttentionBlock``: optional self-attention, then cross-attention; no feed-forward.
+
+    Each attention reads an ``AdaGroupNorm``-ed copy of the image as tokens and adds its output back
+    (residual). ``norm1``/``attn1`` exist only with ``self_attention``.
+    """
+
+    def __init__(self, dim: int, head_dim: int, context_dim: int, emb_dim: int, self_attention: bool):
+        super().__init__()
+        heads = dim // head_dim
+        groups = max(1, dim // GROUP_SIZE)
+        if self_attention:
+            self.norm1 = AdaGroupNorm(emb_dim, dim, groups)
+            self.attn1 = Attention(dim, heads, head_dim)
+        else:
+            self.norm1 = self.attn1 = None
+        self.norm2 = AdaGroupNorm(emb_dim, dim, groups)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``x``: (B, dim, H, W); ``emb``: (B, emb_dim); ``context``: (B, T, context_dim) text
+        encoder states; ``context_mask``: see :meth:`Attention.forward`. Returns the layout of ``x``."""
+        # The attention output is added first: _image returns a channels-last view, so the sum (and
+        # every convolution after it) runs channels-last, as in diffusers, which keeps outputs bitwise equal.
+        if self.attn1 is not None:
+            x = self._image(self.attn1(self._tokens(self.norm1(x, emb))), x) + x
+        return self._image(self.attn2(self._tokens(self.norm2(x, emb)), context, context_mask), x) + x
+
+    @staticmethod
+    def _tokens(x: torch.Tensor) -> torch.Tensor:
+        # (B, C, H, W) -> (B, H*W, C), tokens in row-major pixel order
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+    @staticmethod
+    def _image(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        # (B, H*W, C) -> (B, C, H, W), the inverse of _tokens
+        return tokens.permute(0, 2, 1).reshape(like.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# K resamplers
+
+
+def _k_kernel(channels: int, gain: float) -> torch.Tensor:
+    """The separable 4×4 kernel ``(g·k)(g·k)ᵀ`` with ``k = [1, 3, 3, 1] / 8``, one per channel."""
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0]) / 8 * gain
+    return torch.outer(k, k).expand(channels, 1, 4, 4).contiguous()
+
+
+class KDownsample(nn.Module):
+    """Halve H and W: reflect-pad 1, then the [1, 3, 3, 1]/8 binomial filter at stride 2, per channel.
+
+    Depthwise (``groups=channels``); the kernel is a constant, not in the state dict.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("kernel", _k_kernel(channels, 1.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (B, channels, H, W), H, W ≥ 2. Returns (B, channels, ⌊H/2⌋, ⌊W/2⌋)."""
+        x = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        return F.conv2d(x, self.kernel, stride=2, groups=x.shape[1])
+
+
+class KUpsample(nn.Module):
+    """Double H and W: reflect-pad 1, then a stride-2 transposed convolution with the filter ×2, per
+    channel (depthwise; the kernel is a constant, not in the state dict)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("kernel", _k_kernel(channels, 2.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (B, channels, H, W), H, W ≥ 2. Returns (B, channels, 2H, 2W)."""
+        x = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        return F.conv_transpose2d(x, self.kernel, stride=2, padding=3, groups=x.shape[1])
