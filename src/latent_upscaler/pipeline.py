@@ -301,12 +301,13 @@ class StableDiffusionLatentUpscalePipeline:
         bar = tqdm(total=steps, **self._progress_bar_config)
 
         def report(step: int, latents: torch.Tensor) -> None:
-            bar.update()
             if callback is not None and step % callback_steps == 0:
                 callback(step, timesteps[step], latents)
 
         def on_step(info: Dict[str, Any]) -> None:
-            # k-diffusion callbacks fire before a step's update: x here is the previous step's result
+            # k-diffusion callbacks fire once a step's model evaluation is done, before its update:
+            # x here is the previous step's result
+            bar.update()
             if info["i"] > 0:
                 report(info["i"] - 1, info["x"])
 
