@@ -17,16 +17,28 @@ import sys
 import types
 
 
-def _stand_in_torchvision() -> None:
+_STAND_IN = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
+
+
+def _stand_in_torchvision() -> bool:
+    """Put an empty torchvision in sys.modules unless the real one imports; True if it did."""
     try:
         import torchvision  # noqa: F401
-        return
+        return False
     except Exception:
         pass
-    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
+    for name in _STAND_IN:
         sys.modules.setdefault(name, types.ModuleType(name))
     sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
     sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+    return True
+
+
+def _remove_stand_in() -> None:
+    # the stand-in must not outlive k-diffusion's import: transformers and diffusers probe for
+    # torchvision with importlib.util.find_spec, which fails on a module without a spec
+    for name in _STAND_IN:
+        sys.modules.pop(name, None)
 
 
 def import_k_diffusion():
@@ -36,11 +48,15 @@ def import_k_diffusion():
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None:
         raise ImportError("k-diffusion is not installed; scripts/test installs it (pip install --no-deps k-diffusion==0.1.1.post1)")
-    _stand_in_torchvision()
+    stood_in = _stand_in_torchvision()
     package = types.ModuleType("k_diffusion")
     package.__path__ = list(spec.submodule_search_locations)
     package.__spec__ = spec
     sys.modules["k_diffusion"] = package
-    for name in ("utils", "sampling", "layers", "models", "external"):
-        setattr(package, name, importlib.import_module(f"k_diffusion.{name}"))
+    try:
+        for name in ("utils", "sampling", "layers", "models", "external"):
+            setattr(package, name, importlib.import_module(f"k_diffusion.{name}"))
+    finally:
+        if stood_in:
+            _remove_stand_in()
     return package
