@@ -1,4 +1,5 @@
-"""The layers of the K-UNet: noise-level features, adaptive group norm, resnet, attention, K resamplers.
+"""The layers of the K-UNet: noise-level features, adaptive group norm, resnet, attention (computed by
+SDPA, sliced, or by xformers), K resamplers, FreeU.
 
 Attribute names reproduce diffusers' state-dict keys (``norm1.linear``, ``attn2.norm_cross``,
 ``attn2.to_out.0``, ``conv_shortcut``), so hub checkpoints load strictly. Layouts: images are NCHW;
@@ -152,11 +153,124 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)[:, None, None, :]
 
 
-class Attention(nn.Module):
+def xformers_ops():
+    """``xformers.ops``, or an error saying how to install it."""
+    try:
+        import xformers.ops
+    except ImportError as e:
+        raise ModuleNotFoundError(
+            "memory-efficient attention needs xformers, which is not installed: `pip install xformers` (a build "
+            "matching your torch and CUDA versions, see https://github.com/facebookresearch/xformers). Without "
+            "it, attention already runs through PyTorch's memory-efficient scaled_dot_product_attention.",
+            name="xformers",
+        ) from e
+    return xformers.ops
+
+
+def check_xformers(attention_op=None) -> None:
+    """Raise a clear error unless xformers is installed, a CUDA GPU is present and
+    ``memory_efficient_attention`` runs there with ``attention_op``."""
+    ops = xformers_ops()
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "xformers' memory-efficient attention runs only on CUDA GPUs, and torch.cuda.is_available() is "
+            "False here; leave it off (attention already uses PyTorch's scaled_dot_product_attention)"
+        )
+    try:
+        q = torch.randn(1, 2, 1, 40, device="cuda")
+        ops.memory_efficient_attention(q, q, q, op=attention_op)
+    except Exception as e:  # noqa: BLE001 - any failure of the trial call means "cannot use it here"
+        raise ValueError(f"xformers is installed but memory_efficient_attention(op={attention_op!r}) fails on "
+                         f"this GPU: {type(e).__name__}: {e}") from e
+
+
+def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                       attention_op=None) -> torch.Tensor:
+    """``softmax(q kᵀ / √d + bias) v`` by ``xformers.ops.memory_efficient_attention``.
+
+    ``q`` (B, heads, L, D), ``k``/``v`` (B, heads, T, D) as SDPA takes them; ``bias`` additive,
+    broadcastable to (B, heads, L, T), or None. Returns (B, heads, L, D)."""
+    ops = xformers_ops()
+    b, h, length, tokens = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    if bias is not None:
+        # xformers neither broadcasts a bias nor takes one whose rows are not 8-aligned in memory:
+        # write it into a wider buffer and hand over a view
+        aligned = q.new_empty(b, h, length, -(-tokens // 8) * 8)[..., :tokens]
+        bias = aligned.copy_(bias.to(q.dtype).expand(b, h, length, tokens))
+    out = ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_bias=bias, op=attention_op)  # BMHK layout
+    return out.transpose(1, 2)
+
+
+class SwitchableAttention(nn.Module):
+    """The core ``softmax(q kᵀ / √d + bias) v`` of an attention layer, computed one of three ways
+    (diffusers' attention processors): PyTorch's SDPA over all heads (the default); SDPA over one
+    batch item and ``slice_size`` heads at a time (:meth:`set_attention_slice`, less peak memory);
+    or xformers' ``memory_efficient_attention`` (:meth:`set_use_memory_efficient_attention_xformers`),
+    which takes precedence over slicing while it is on. Subclasses set ``heads``."""
+
+    heads: int
+
+    def __init__(self):
+        super().__init__()
+        self.slice_size: Optional[int] = None  # heads per slice; None computes all at once
+        self.use_xformers = False
+        self.xformers_op = None  # xformers' ``op`` argument; None lets xformers choose
+
+    @property
+    def sliceable_head_dim(self) -> int:
+        """The largest slice size: the number of heads (diffusers' name)."""
+        return self.heads
+
+    def set_attention_slice(self, slice_size: Optional[int]) -> None:
+        """Compute attention ``slice_size`` heads at a time (1 ≤ slice_size ≤ heads), or all at once (None)."""
+        if slice_size is not None and not (
+            isinstance(slice_size, int) and not isinstance(slice_size, bool) and 1 <= slice_size <= self.heads
+        ):
+            raise ValueError(f"slice_size {slice_size!r} must be an integer from 1 to this layer's {self.heads} heads")
+        self.slice_size = slice_size
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
+        """Route attention through xformers (``valid``) or back to SDPA; see :func:`check_xformers`."""
+        self.use_xformers = bool(valid)
+        self.xformers_op = attention_op if valid else None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``q`` (B, heads, L, D), ``k``/``v`` (B, heads, T, D); ``bias`` additive, broadcastable to
+        (B, heads, L, T), or None. Returns (B, heads, L, D)."""
+        if self.use_xformers:
+            if q.device.type != "cuda":
+                raise RuntimeError(
+                    f"xformers attention is on but the inputs are on {q.device}; it runs only on CUDA GPUs. Move the "
+                    "pipeline to a GPU or call disable_xformers_memory_efficient_attention()"
+                )
+            return xformers_attention(q, k, v, bias, self.xformers_op)
+        if self.slice_size is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if bias is not None:
+            bias = bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
+        out = q.new_empty(*q.shape[:3], v.shape[-1])
+        for i in range(q.shape[0]):
+            for j in range(0, q.shape[1], self.slice_size):
+                heads = slice(j, j + self.slice_size)
+                mask = None if bias is None else _narrow(_narrow(bias, 0, slice(i, i + 1)), 1, heads)
+                out[i : i + 1, heads] = F.scaled_dot_product_attention(
+                    q[i : i + 1, heads], k[i : i + 1, heads], v[i : i + 1, heads], attn_mask=mask)
+        return out
+
+
+def _narrow(t: torch.Tensor, dim: int, index: slice) -> torch.Tensor:
+    # index a broadcastable dimension: a size-1 dimension is kept whole
+    return t if t.shape[dim] == 1 else t[(slice(None),) * dim + (index,)]
+
+
+class Attention(SwitchableAttention):
     """Multi-head attention with biased q/k/v/out projections, ``softmax(q kᵀ / √head_dim) v``.
 
     Self-attention when ``context_dim`` is None; otherwise cross-attention over context tokens that
-    are first normalised by ``norm_cross`` (LayerNorm over ``context_dim``).
+    are first normalised by ``norm_cross`` (LayerNorm over ``context_dim``). How the softmax product
+    is computed (SDPA, sliced, xformers) is switched by :class:`SwitchableAttention`.
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: Optional[int] = None):
@@ -187,9 +301,14 @@ class Attention(nn.Module):
         q, k, v = (t.view(batch, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
         if context_mask is not None and (context_mask.dtype == torch.bool or context_mask.ndim == 2):
             context_mask = attention_bias(context_mask, q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=context_mask)
+        out = self.attend(q, k, v, context_mask)
         out = out.transpose(1, 2).reshape(batch, -1, q.shape[1] * q.shape[3])
         return self.to_out[0](out)
+
+
+def attention_layers(model: nn.Module):
+    """``(name, layer)`` for every :class:`SwitchableAttention` in ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SwitchableAttention)]
 
 
 class AttentionBlock(nn.Module):
@@ -275,3 +394,28 @@ class KUpsample(nn.Module):
         """``x``: (B, channels, H, W), H, W ≥ 2. Returns (B, channels, 2H, 2W)."""
         x = F.pad(x, (1, 1, 1, 1), mode="reflect")
         return F.conv_transpose2d(x, self.kernel, stride=2, padding=3, groups=x.shape[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# FreeU
+
+
+def fourier_filter(x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
+    """Scale the lowest spatial frequencies of ``x`` (B, C, H, W) by ``scale``: the box of half-width
+    ``threshold`` around the centre of the shifted 2-D spectrum (FreeU's spectral modulation of skips).
+    The FFT runs in float32 (fp16 FFTs are unstable, bf16 ones missing); returns the dtype of ``x``."""
+    spectrum = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))
+    h, w = spectrum.shape[-2:]
+    mask = torch.ones(h, w, device=x.device)
+    mask[h // 2 - threshold : h // 2 + threshold, w // 2 - threshold : w // 2 + threshold] = scale
+    spectrum = torch.fft.ifftshift(spectrum * mask, dim=(-2, -1))
+    return torch.fft.ifftn(spectrum, dim=(-2, -1)).real.to(x.dtype)
+
+
+def freeu(h: torch.Tensor, skip: torch.Tensor, backbone_scale: float, skip_scale: float):
+    """FreeU (Si et al. 2023, arXiv:2309.11497) before a decoder block concatenates its skip:
+    the first half of the backbone channels of ``h`` times ``backbone_scale`` (b), the skip
+    features' low frequencies times ``skip_scale`` (s). Both (B, C, H, W); returns ``(h, skip)``."""
+    half = h.shape[1] // 2
+    h = torch.cat([h[:, :half] * backbone_scale, h[:, half:]], dim=1)
+    return h, fourier_filter(skip, threshold=1, scale=skip_scale)

@@ -37,6 +37,9 @@ from .layers import (
     TimestepEmbedding,
     activation,
     attention_bias,
+    attention_layers,
+    check_xformers,
+    freeu,
 )
 
 DOWN_BLOCK_TYPES = ("KDownBlock2D", "KCrossAttnDownBlock2D")
@@ -382,6 +385,7 @@ class UpBlock(_Block):
         super().__init__(plan, config)
         self.upsamplers = nn.ModuleList([KUpsample(self.out_channels)]) if plan.resample else None
         self.takes_skip = plan.skip
+        self.freeu: Optional[Tuple[float, float]] = None  # (b, s) of FreeU, see KUNet.enable_freeu
 
     def forward(
         self, h: Tensor, skip: Optional[Tensor], emb: Tensor, context: Tensor, context_mask: Optional[Tensor] = None
@@ -390,6 +394,8 @@ class UpBlock(_Block):
         the first up block. Returns (B, C_next, 2H, 2W) (or H, W for the last block)."""
         assert (skip is not None) == self.takes_skip, "down/up skip roles disagree"
         if skip is not None:
+            if self.freeu is not None:
+                h, skip = freeu(h, skip, *self.freeu)
             h = torch.cat([h, skip], dim=1)
         h = self._layers(h, emb, context, context_mask)
         if self.upsamplers is not None:
@@ -465,6 +471,55 @@ class KUNet(ModelBase):
         if self.conv_norm_out is not None:
             h = self.conv_act(self.conv_norm_out(h))
         return self.conv_out(h)
+
+    # ---- switches (diffusers' names) ----
+
+    def set_attention_slice(self, slice_size: Union[str, int, None] = "auto") -> None:
+        """Compute every attention ``slice_size`` heads at a time: "auto" halves each layer's heads,
+        "max" takes one head at a time, an int at most the fewest heads of any layer (6 for the hub
+        model), None turns slicing off. The result is the same up to rounding."""
+        layers = attention_layers(self)
+        if slice_size is None or slice_size == "max":
+            sizes = [None if slice_size is None else 1] * len(layers)
+        elif slice_size == "auto":
+            sizes = [max(1, layer.heads // 2) for _, layer in layers]
+        elif isinstance(slice_size, int) and not isinstance(slice_size, bool) and slice_size >= 1:
+            name, fewest = min(layers, key=lambda item: item[1].heads, default=(None, None))
+            if fewest is not None and slice_size > fewest.heads:
+                raise ValueError(
+                    f"slice_size {slice_size} is more than the {fewest.heads} heads of {name}; this UNet takes "
+                    f"slice sizes from 1 to {fewest.heads}, 'auto' or 'max'"
+                )
+            sizes = [slice_size] * len(layers)
+        else:
+            raise ValueError(f"slice_size must be 'auto', 'max', a positive integer or None, got {slice_size!r}")
+        for (_, layer), size in zip(layers, sizes):
+            layer.set_attention_slice(size)
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
+        """Route every attention through xformers (needs xformers and a CUDA GPU) or back to SDPA."""
+        if valid:
+            check_xformers(attention_op)
+        for _, layer in attention_layers(self):
+            layer.set_use_memory_efficient_attention_xformers(valid, attention_op)
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU (Si et al. 2023, arXiv:2309.11497) in the two up blocks that concatenate the skips of
+        the two coarsest skip-giving levels (hub model: ``up_blocks.1`` with b1/s1, ``up_blocks.2`` with
+        b2/s2; ``up_blocks.0`` takes no skip): before the concatenation the first half of the backbone
+        channels is multiplied by b and the skip's lowest frequencies by s. diffusers stores these
+        values on K blocks but never reads them; here they apply."""
+        for name, value in (("s1", s1), ("s2", s2), ("b1", b1), ("b2", b2)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise TypeError(f"FreeU factor {name} must be a number, got {value!r}")
+        stages = [block for block in self.up_blocks if block.takes_skip][:2]
+        for block, (s, b) in zip(stages, ((s1, b1), (s2, b2))):
+            block.freeu = (b, s)
+
+    def disable_freeu(self) -> None:
+        """Turn FreeU off; outputs are again exactly those without it."""
+        for block in self.up_blocks:
+            block.freeu = None
 
     def _noise_features(self, timestep: Union[torch.Tensor, float], sample: torch.Tensor) -> torch.Tensor:
         # as diffusers' get_time_embed: a Python number becomes a float64 (int64) tensor, except on

@@ -23,6 +23,7 @@ from torch import nn
 from ..configuration import ConfigError, ModelConfig
 from ..randomness import Generators, randn
 from .base import ModelBase
+from .layers import SwitchableAttention, attention_layers, check_xformers
 
 #: diffusers' ``get_activation`` names → modules (the resnets use ``act_fn``; the output heads always SiLU)
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
@@ -153,8 +154,10 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(SwitchableAttention):
     """Single-head spatial self-attention with a residual, over all H·W positions."""
+
+    heads = 1
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
@@ -168,7 +171,7 @@ class SelfAttention(nn.Module):
         b, c, h, w = x.shape
         tokens = self.group_norm(x.reshape(b, c, h * w)).transpose(1, 2)  # (B, HW, C)
         q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
-        attended = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # softmax(q kᵀ / √C) v
+        attended = self.attend(q, k, v).squeeze(1)  # softmax(q kᵀ / √C) v
         out = self.to_out[0](attended).transpose(1, 2).reshape(b, c, h, w)
         return out + x
 
@@ -318,6 +321,7 @@ class AutoencoderKL(ModelBase):
         latent = config.latent_channels
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, kernel_size=1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, kernel_size=1) if config.use_post_quant_conv else None
+        self.use_slicing = False  # encode/decode one image of a batch at a time
 
     @classmethod
     def convert_state_dict(cls, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -339,7 +343,7 @@ class AutoencoderKL(ModelBase):
         """Pixels in [-1, 1], NCHW (H, W multiples of 8 for SD), the model's dtype → the posterior over
         *unscaled* latents (multiply a sample by ``config.scaling_factor`` before the UNet)."""
         self._check_channels(x, self.config.in_channels, "image", "pixels in [-1, 1]")
-        moments = self.encoder(x)
+        moments = self._per_image(self.encoder, x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         posterior = DiagonalGaussianDistribution(moments)
@@ -353,7 +357,7 @@ class AutoencoderKL(ModelBase):
         self._check_channels(z, self.config.latent_channels, "latents", "unscaled VAE latents")
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        sample = self.decoder(z)
+        sample = self._per_image(self.decoder, z)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
     def forward(
@@ -367,6 +371,27 @@ class AutoencoderKL(ModelBase):
         posterior = self.encode(sample).latent_dist
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z, return_dict=return_dict)
+
+    # ---- switches (diffusers' names) ----
+
+    def enable_slicing(self) -> None:
+        """Encode and decode a batch one image at a time: peak memory of one image, same results."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def _per_image(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_slicing or x.shape[0] == 1:
+            return network(x)
+        return torch.cat([network(item) for item in x.split(1)])
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
+        """Route the mid-block attention through xformers (needs xformers and a CUDA GPU) or back to SDPA."""
+        if valid:
+            check_xformers(attention_op)
+        for _, layer in attention_layers(self):
+            layer.set_use_memory_efficient_attention_xformers(valid, attention_op)
 
     @staticmethod
     def _check_channels(x: torch.Tensor, expected: int, what: str, meaning: str) -> None:
