@@ -1,39 +1,89 @@
 """How the x2 latent upscaler's UNet is conditioned, in one thin module around it.
 
 The UNet sees 8 channels: the scaled noisy latent (4) followed by the low-resolution latent,
-nearest-upsampled ×2 (4). Its timestep input is c_noise; ``timestep_cond`` carries the Fourier
-embedding of the low-res noise level and the pooled CLIP embedding; cross-attention reads the CLIP
-token states. Its 5th output channel is the original model's log-variance, which sampling ignores.
+nearest-upsampled ×2 and scaled by c_in of its own noise level (4). Its time embedding gets c_noise
+plus ``timestep_cond``: the Fourier embedding of log1p(low-res noise level) (128) and the pooled CLIP
+embedding. Cross-attention reads the CLIP token states. Its 5th output channel is the original
+model's log-variance, which sampling ignores. This is the original ``NoiseLevelAndTextConditionedUpscaler``
+wrapper (reference original-and-users.md §1.4), with the per-call work done once per upscale.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Fourier features of the low-res noise level 0: cos(0) for the 64 cosines, sin(0) for the 64 sines
-_NOISE_LEVEL_FEATURES = 64
+from .randomness import Generators, randn
+
+#: Fourier frequencies of the low-res noise-level embedding (the original's FourierFeatures(1, 128))
+NOISE_LEVEL_FREQUENCIES = 64
+NOISE_AUG_TYPES = ("gaussian", "fake")
 
 
-def upsample_low_res(low_res_latents: torch.Tensor) -> torch.Tensor:
-    """Nearest ×2 upsampling of the low-res latents to the UNet's resolution (NCHW)."""
-    return F.interpolate(low_res_latents, scale_factor=2, mode="nearest")
+class MissingNoiseEmbeddingError(ValueError):
+    """noise_level > 0 without the original checkpoint's noise-level embedding."""
 
 
-def zero_noise_level_embedding(batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The embedding of low-res noise level 0, (batch, 128): ``[1]*64 + [0]*64``."""
-    ones = torch.ones(batch, _NOISE_LEVEL_FEATURES, dtype=dtype, device=device)
-    return torch.cat([ones, torch.zeros_like(ones)], dim=1)
+def noise_level_embedding(noise_level: torch.Tensor, weight: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The original's Fourier features of ``log1p(noise_level)``: ``[cos 2πfW, sin 2πfW]``, (B, 128).
+
+    ``noise_level``: (B,) σ of the low-res augmentation. ``weight``: the (64, 1) random frequencies
+    of the original checkpoint (``low_res_noise_embed.weight``), which diffusers' conversion drops;
+    without them only level 0 can be embedded (cos 0 = 1, sin 0 = 0, whatever the frequencies).
+    """
+    if weight is None:
+        if bool((noise_level != 0).any()):
+            raise MissingNoiseEmbeddingError(
+                "noise_level > 0 needs the noise-level embedding of the original k-diffusion checkpoint "
+                "(low_res_noise_embed.weight), which diffusers-format folders such as "
+                "stabilityai/sd-x2-latent-upscaler do not carry. Load the original checkpoint with "
+                "StableDiffusionLatentUpscalePipeline.from_single_file(...) (or convert it with "
+                "`latent-upscale convert`), or use noise_level=0"
+            )
+        ones = torch.ones(noise_level.shape[0], NOISE_LEVEL_FREQUENCIES, dtype=dtype, device=noise_level.device)
+        return torch.cat([ones, torch.zeros_like(ones)], dim=1)
+    angles = 2 * math.pi * noise_level.log1p()[:, None] @ weight.to(noise_level.device, torch.float32).T
+    return torch.cat([angles.cos(), angles.sin()], dim=1).to(dtype)
+
+
+def augment_low_res(low_res: torch.Tensor, noise_level: float, noise_aug_type: str, generator: Generators = None) -> torch.Tensor:
+    """Noise augmentation of the low-res latents (the original notebook's ``noise_aug_level``).
+
+    "gaussian" adds ``noise_level``·N(0, 1); "fake" scales by sqrt(level² + 1) and adds no noise
+    (it tells the model the input is noisy). Level 0 draws nothing and changes nothing.
+    """
+    if noise_aug_type not in NOISE_AUG_TYPES:
+        raise ValueError(f"noise_aug_type {noise_aug_type!r} is not one of {NOISE_AUG_TYPES}")
+    if noise_level == 0:
+        return low_res
+    if noise_aug_type == "gaussian":
+        return low_res + noise_level * randn(low_res.shape, generator=generator, device=low_res.device, dtype=low_res.dtype)
+    return low_res * (noise_level**2 + 1) ** 0.5
+
+
+def prepare_conditioning(low_res: torch.Tensor, noise_level: torch.Tensor, pooled: torch.Tensor,
+                         noise_embedding: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """What the UNet gets besides the noisy latent, computed once per upscale.
+
+    ``low_res``: SD latents (B, 4, h, w), scaled by the VAE's scaling_factor, already augmented;
+    ``noise_level``: (B,) float32; ``pooled``: (B, C) pooled CLIP embedding. Returns
+    ``low_res_cond`` (B, 4, 2h, 2w) and ``timestep_cond`` (B, 128 + C) in the dtype of ``pooled``.
+    """
+    c_in = 1 / (noise_level**2 + 1) ** 0.5  # the low-res input's own c_in (σ_data = 1)
+    low_res_cond = F.interpolate(low_res, scale_factor=2, mode="nearest") * c_in[:, None, None, None]
+    embedding = noise_level_embedding(noise_level, noise_embedding, pooled.dtype)
+    return {"low_res_cond": low_res_cond.to(pooled.dtype), "timestep_cond": torch.cat([embedding, pooled], dim=1)}
 
 
 class UpscalerConditioning(nn.Module):
     """F(x_scaled, c_noise; low_res_cond, encoder_hidden_states, timestep_cond) → 4 channels.
 
-    ``low_res_cond``: the nearest-upsampled low-res latents, same size as ``x_scaled``.
-    ``encoder_hidden_states``: CLIP token states (B, 77, 768); ``timestep_cond``: (B, 896).
+    ``low_res_cond``, ``timestep_cond``: from :func:`prepare_conditioning`. ``encoder_hidden_states``:
+    CLIP token states (B, 77, C); ``encoder_attention_mask``: (B, 77) bool or None.
     """
 
     def __init__(self, unet: nn.Module):

@@ -30,8 +30,16 @@ class ClassifierFreeGuidance(nn.Module):
         return uncond + self.scale * (cond_ - uncond)
 
 
-def should_guide(guidance_scale: float) -> bool:
-    """diffusers' rule: guidance runs only above 1; 0 < scale ≤ 1 means "conditional only"."""
-    return guidance_scale > 1.0
+def guidance_mode(guidance_scale: float, faithful: bool = False) -> str:
+    """"uncond" (text ignored), "cond" (one conditional pass) or "cfg" (both, mixed by the scale).
+
+    diffusers: 0 → uncond, (0, 1] → cond, above 1 → cfg. The original notebook (``faithful``):
+    0 → uncond, exactly 1 → cond, any other value → cfg, so 0.5 interpolates between the two.
+    """
+    if guidance_scale == 0:
+        return "uncond"
+    if faithful:
+        return "cond" if guidance_scale == 1 else "cfg"
+    return "cfg" if guidance_scale > 1.0 else "cond"
 
 

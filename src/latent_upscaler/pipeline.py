@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from . import images as imgs
-from .conditioning import UpscalerConditioning, upsample_low_res, zero_noise_level_embedding
+from . import schedules
+from .conditioning import UpscalerConditioning, augment_low_res, prepare_conditioning
 from .denoiser import KarrasDenoiser
-from .guidance import ClassifierFreeGuidance, should_guide
+from .driver import NOTEBOOK_SIGMA_MAX, NOTEBOOK_SIGMA_MIN, StepHooks, check_options, get_sampler, run_sampler
+from .guidance import ClassifierFreeGuidance, guidance_mode
+from .prompts import PromptType, TextStates, broadcast, encode_text, prompt_list
 from .randomness import randn
-from .sampling import sample_euler
-
-PromptType = Union[str, List[str], None]
-
+from .switches import PipelineSwitches
 
 @dataclasses.dataclass
 class StableDiffusionPipelineOutput:
@@ -44,23 +43,27 @@ class StableDiffusionPipelineOutput:
         return tuple(v for v in (self.images, self.nsfw_content_detected) if v is not None)
 
 
-class StableDiffusionLatentUpscalePipeline:
+class StableDiffusionLatentUpscalePipeline(PipelineSwitches):
     """Doubles the resolution of Stable Diffusion images in latent space.
 
     Components (the names and classes of a hub folder): ``vae`` (our AutoencoderKL), ``text_encoder``
     (``transformers.CLIPTextModel``), ``tokenizer`` (``transformers.CLIPTokenizer``), ``unet`` (our
-    K-UNet) and ``scheduler`` (our EulerDiscreteScheduler: the σ schedule).
+    K-UNet) and ``scheduler`` (our EulerDiscreteScheduler: the σ schedule). ``low_res_noise_embed``:
+    the original checkpoint's noise-level frequencies, for ``noise_level`` > 0.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, low_res_noise_embed: Optional[torch.Tensor] = None):
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.unet = unet
         self.scheduler = scheduler
+        #: (64, 1) frequencies of the original model's noise-level embedding; only the original
+        #: checkpoint has them, and only ``noise_level`` > 0 needs them
+        self.low_res_noise_embed = low_res_noise_embed
         self._progress_bar_config: Dict[str, Any] = {}
 
     # ---- components, device, dtype ----
@@ -70,16 +73,13 @@ class StableDiffusionLatentUpscalePipeline:
         return {name: getattr(self, name) for name in self._component_names}
 
     @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
     def to(self, *args: Any, **kwargs: Any) -> "StableDiffusionLatentUpscalePipeline":
         """Move every model: ``to("cuda")``, ``to(torch.float16)``, ``to("cuda", torch.float16)``,
         or ``to(device=..., dtype=...)``."""
+        self._refuse_while_offloaded("to()")
         device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
         if kwargs:
             raise TypeError(f"to() got unexpected arguments {sorted(kwargs)}")
@@ -109,27 +109,23 @@ class StableDiffusionLatentUpscalePipeline:
 
         return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
 
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: Union[str, os.PathLike], config=None, **kwargs: Any):
+        """Load the original k-diffusion checkpoint and its JSON config (see
+        ``latent_upscaler.loading.pipeline.load_single_file``); keeps the noise-level embedding."""
+        from .loading.pipeline import load_single_file
+
+        return load_single_file(cls, pretrained_model_link_or_path, config=config, **kwargs)
+
     def save_pretrained(self, save_directory: Union[str, os.PathLike], safe_serialization: bool = True,
                         variant: Optional[str] = None) -> None:
         """Write the hub layout, which both this package and diffusers load."""
         from .loading.pipeline import save_pipeline
 
+        self._refuse_while_offloaded("save_pretrained()")
         save_pipeline(self, save_directory, safe_serialization=safe_serialization, variant=variant)
 
     # ---- text ----
-
-    @torch.no_grad()
-    def _encode_text(self, texts: List[str], device: torch.device):
-        """CLIP token states before the final layer norm (B, 77, C) and the pooled output (B, C)."""
-        max_length = self.tokenizer.model_max_length
-        tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
-                                return_tensors="pt").input_ids
-        untruncated = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-        if untruncated.shape[-1] > tokens.shape[-1]:
-            removed = self.tokenizer.batch_decode(untruncated[:, max_length - 1 : -1])
-            warnings.warn(f"CLIP reads at most {max_length} tokens; this part of the prompt was cut: {removed}")
-        out = self.text_encoder(tokens.to(device), output_hidden_states=True)
-        return out.hidden_states[-1], out.pooler_output
 
     def encode_prompt(
         self,
@@ -145,30 +141,39 @@ class StableDiffusionLatentUpscalePipeline:
         """Returns ``(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
         negative_pooled_prompt_embeds)``; the negative pair is None without guidance.
 
-        Embeddings: CLIP's last hidden layer before its final layer norm (B, 77, C), pooled: the final
-        layer-normed state at the end-of-text token (B, C). Given embeddings are returned as they are;
-        missing negative ones are encoded from ``negative_prompt`` (or "") even when positive ones
-        were given (diffusers crashes there).
+        Embeddings: CLIP's last hidden layer before its final layer norm (B, 77, C); pooled: the
+        final layer-normed state at the end-of-text token (B, C). Given embeddings are returned as
+        they are; missing negative ones are encoded from ``negative_prompt`` (or "") even when
+        positive ones were given (diffusers crashes there).
         """
         device = self.device if device is None else torch.device(device)
-        if prompt_embeds is None:
-            prompts = _prompt_list(prompt, "prompt")
-            prompt_embeds, pooled_prompt_embeds = self._encode_text(prompts, device)
-        batch_size = prompt_embeds.shape[0]
-        if do_classifier_free_guidance and negative_prompt_embeds is None:
-            if negative_prompt is None:
-                negatives = [""] * batch_size
-            else:
-                negatives = _prompt_list(negative_prompt, "negative_prompt")
-                if len(negatives) == 1:
-                    negatives = negatives * batch_size
-                elif len(negatives) != batch_size:
-                    raise ValueError(
-                        f"negative_prompt has {len(negatives)} entries but there are {batch_size} prompts; pass "
-                        "one negative prompt per prompt, or a single string for all"
-                    )
-            negative_prompt_embeds, negative_pooled_prompt_embeds = self._encode_text(negatives, device)
-        return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
+        cond, uncond = self._text_states(prompt, negative_prompt, prompt_embeds, pooled_prompt_embeds,
+                                         negative_prompt_embeds, negative_pooled_prompt_embeds, None,
+                                         do_classifier_free_guidance, device, with_mask=False)
+        if uncond is None:
+            return cond.embeds, None, cond.pooled, None
+        return cond.embeds, uncond.embeds, cond.pooled, uncond.pooled
+
+    def _text_states(self, prompt, negative_prompt, embeds, pooled, neg_embeds, neg_pooled, batch_size,
+                     need_uncond, device, with_mask):
+        """CLIP states of the prompts and, when ``need_uncond``, of the negative prompts ("" by
+        default), each broadcast to ``batch_size`` (the prompts' count when None)."""
+        if embeds is not None:
+            cond = TextStates(embeds.to(device), pooled.to(device))
+        else:
+            texts = prompt_list(prompt, "prompt")
+            texts = broadcast(texts, batch_size or len(texts), "prompt")
+            cond = encode_text(self.tokenizer, self.text_encoder, texts, device, with_mask)
+        batch_size = batch_size or len(cond)
+        cond = cond.repeat_to(batch_size)
+        if not need_uncond:
+            return cond, None
+        if neg_embeds is not None:
+            uncond = TextStates(neg_embeds.to(device), neg_pooled.to(device))
+        else:
+            negatives = broadcast(prompt_list(negative_prompt, "negative_prompt"), batch_size, "negative_prompt")
+            uncond = encode_text(self.tokenizer, self.text_encoder, negatives, device, with_mask)
+        return cond, uncond.repeat_to(batch_size)
 
     # ---- the call ----
 
@@ -190,6 +195,16 @@ class StableDiffusionLatentUpscalePipeline:
         return_dict: bool = True,
         callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
         callback_steps: int = 1,
+        *,
+        sampler: str = "euler",
+        sigma_schedule: str = "log_linear",
+        eta: Optional[float] = None,
+        tol_scale: float = 0.25,
+        noise_level: float = 0.0,
+        noise_aug_type: str = "gaussian",
+        faithful: bool = False,
+        callback_on_step_end: Optional[Callable[..., Dict[str, torch.Tensor]]] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ):
         """Upscale ``image`` ×2, guided by ``prompt``.
 
@@ -198,19 +213,35 @@ class StableDiffusionLatentUpscalePipeline:
             image: SD latents (4-channel tensor, scaled by the VAE's scaling_factor), pixels (3- or
                 1-channel tensor in [0, 1] or [-1, 1], PIL image, numpy array), or a list of them.
                 Any size: the output is exactly twice the input.
-            num_inference_steps: Euler steps on the model's log-linear σ schedule.
+            num_inference_steps: sampler steps (for ``dpm_fast`` the number of model evaluations;
+                ``dpm_adaptive`` chooses its own).
             guidance_scale: classifier-free guidance on the denoised latent; above 1 it guides, 0
-                ignores the prompt, values in (0, 1] use the prompt without guidance.
+                ignores the prompt, values in (0, 1] use the prompt without guidance (with
+                ``faithful``: 1 uses the prompt alone, any other value but 0 guides).
             negative_prompt: what to steer away from (str for all, or one per prompt).
             generator: a ``torch.Generator`` or one per image (each image then gets the same result
-                whatever the batch it is in).
+                whatever the batch it is in); drives every random draw.
             latents: the initial noise (B, 4, 2h, 2w) at unit variance; drawn when None.
             prompt_embeds, pooled_prompt_embeds: precomputed CLIP states (B, 77, C) and (B, C),
                 given together instead of ``prompt``; negative_* the same for the negative prompt.
             output_type: "pil", "np" (NHWC floats in [0, 1]), "pt" (NCHW floats in [0, 1]) or
                 "latent" (SD latents of the upscaled image, scaled by the VAE's scaling_factor).
             return_dict: return a :class:`StableDiffusionPipelineOutput` rather than a tuple.
-            callback: ``callback(step, timestep, latents)`` after every ``callback_steps`` steps.
+            callback: ``callback(step, timestep, latents)`` after every ``callback_steps`` steps
+                (diffusers' legacy callback; ``timestep`` is the σ for non-default schedules).
+            sampler: one of ``latent_upscaler.sampling.SAMPLERS``; "euler" is diffusers' sampler.
+            sigma_schedule: "log_linear" (the model's own, from the scheduler config), "karras"
+                or "exponential", between the scheduler's σ_min and σ_max.
+            eta: ancestral noise of the stochastic samplers (their default when None).
+            tol_scale: error tolerance of ``dpm_adaptive``: rtol = 0.05·tol_scale, atol = tol_scale/127.5.
+            noise_level: σ of the noise augmentation of the low-res latents (the original notebook's
+                ``noise_aug_level``); needs the original checkpoint's embedding when above 0.
+            noise_aug_type: "gaussian" (add noise) or "fake" (only tell the model it is noisy).
+            faithful: reproduce the original notebook: the CLIP padding mask in cross-attention, its
+                guidance semantics, its log-linear schedule between its own σ_min and σ_max.
+            callback_on_step_end: ``f(pipe, step, sigma, callback_kwargs) -> dict`` after every
+                step; ``callback_kwargs`` holds ``callback_on_step_end_tensor_inputs``; a returned
+                "latents" replaces the sampler's state.
 
         Returns:
             :class:`StableDiffusionPipelineOutput` or ``(images,)``.
@@ -218,59 +249,57 @@ class StableDiffusionLatentUpscalePipeline:
         output_type = imgs.check_output_type(output_type)
         _check_call(prompt, image, num_inference_steps, negative_prompt, negative_prompt_embeds,
                     prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, callback_steps)
+        sampler_fn = get_sampler(sampler)
+        check_options(sampler_fn, sampler, sigma_schedule, eta, tol_scale, noise_level, noise_aug_type,
+                      callback_on_step_end_tensor_inputs)
         device = self.device
         prepared = imgs.prepare_image(image)
-
-        # batch: one prompt per image; a single prompt or a single image is broadcast
-        n_prompts = prompt_embeds.shape[0] if prompt_embeds is not None else len(_prompt_list(prompt, "prompt"))
+        n_prompts = prompt_embeds.shape[0] if prompt_embeds is not None else len(prompt_list(prompt, "prompt"))
         batch_size = _broadcast_batch(n_prompts, prepared.batch_size)
-        if prompt_embeds is None:
-            prompt = _prompt_list(prompt, "prompt")
-            prompt = prompt * batch_size if len(prompt) == 1 else prompt
-        elif prompt_embeds.shape[0] != batch_size:
-            prompt_embeds = prompt_embeds.expand(batch_size, -1, -1)
-            pooled_prompt_embeds = pooled_prompt_embeds.expand(batch_size, -1)
 
-        # 1. prompt embeddings (guidance 0 means unconditional: the prompt is replaced by "")
-        guide = should_guide(guidance_scale)
-        if guidance_scale == 0:
-            prompt, prompt_embeds, pooled_prompt_embeds = [""] * batch_size, None, None
-        embeds, neg_embeds, pooled, neg_pooled = self.encode_prompt(
-            prompt, device, guide, negative_prompt, prompt_embeds, negative_prompt_embeds,
-            pooled_prompt_embeds, negative_pooled_prompt_embeds)
-        if guide:
-            embeds, pooled = torch.cat([_batch(neg_embeds, batch_size), embeds]), torch.cat(
-                [_batch(neg_pooled, batch_size), pooled])
-        dtype = embeds.dtype
+        # 1. text: guidance 0 means unconditional (the prompt is replaced by "")
+        mode = guidance_mode(guidance_scale, faithful)
+        if mode == "uncond":
+            prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt = [""], None, None, None
+        cond, uncond = self._text_states(prompt, negative_prompt, prompt_embeds, pooled_prompt_embeds,
+                                         negative_prompt_embeds, negative_pooled_prompt_embeds, batch_size,
+                                         mode == "cfg", device, with_mask=faithful)
+        text = TextStates.cat(uncond, cond) if mode == "cfg" else cond  # unconditional half first
+        dtype = text.embeds.dtype
 
-        # 2. low-res latents: given, or a sample of the VAE posterior of the pixels
+        # 2. low-res latents: given, or a sample of the VAE posterior of the pixels; then augmented
         low_res = prepared.tensor.to(device=device, dtype=dtype)
         if low_res.shape[0] != batch_size:
             low_res = low_res.expand(batch_size, -1, -1, -1)
         if not prepared.is_latent:
-            posterior = self.vae.encode(low_res).latent_dist
-            low_res = posterior.sample(generator) * self.vae.config.scaling_factor
+            low_res = self.vae.encode(low_res).latent_dist.sample(generator) * self.vae.config.scaling_factor
+        low_res = augment_low_res(low_res, noise_level, noise_aug_type, generator)
 
         # 3. conditioning, σ schedule and initial noise
-        multiplier = 2 if guide else 1
-        low_res_cond = upsample_low_res(torch.cat([low_res] * multiplier)).to(dtype)
-        timestep_cond = torch.cat([zero_noise_level_embedding(pooled.shape[0], pooled.dtype, device), pooled], dim=1)
-        schedule = self.scheduler.schedule(num_inference_steps)
-        sigmas = schedule.sigmas[: num_inference_steps + 1].to(device)
+        copies = 2 if mode == "cfg" else 1
+        levels = torch.full((copies * batch_size,), float(noise_level), device=device)
+        cond_args = prepare_conditioning(torch.cat([low_res] * copies), levels, text.pooled, self.low_res_noise_embed)
+        cond_args["encoder_hidden_states"] = text.embeds
+        if text.mask is not None:
+            cond_args["encoder_attention_mask"] = text.mask
+        sigmas, timesteps, init_sigma = self._sigmas(num_inference_steps, sigma_schedule, faithful)
         shape = (batch_size, self.vae.config.latent_channels, 2 * low_res.shape[2], 2 * low_res.shape[3])
         if latents is None:
             latents = randn(shape, generator=generator, device=device, dtype=dtype)
         else:
             latents = self._check_latents(latents, shape, prepared)
         # the sampler's arithmetic runs in float32 whatever the model dtype, as diffusers' scheduler does
-        x = (latents.to(device=device, dtype=dtype) * schedule.init_noise_sigma.to(device)).float()
+        x = (latents.to(device=device, dtype=dtype) * init_sigma.to(device)).float()
 
         # 4. sample: sampler(guidance(denoiser(conditioning(unet))))
         model = KarrasDenoiser(UpscalerConditioning(self.unet))
-        if guide:
+        if mode == "cfg":
             model = ClassifierFreeGuidance(model, guidance_scale)
-        cond = {"low_res_cond": low_res_cond, "encoder_hidden_states": embeds, "timestep_cond": timestep_cond}
-        x = self._sample(model, x, sigmas, cond, schedule.timesteps, callback, callback_steps)
+        hooks = StepHooks(self, self._progress_bar_config, sigmas, timesteps, callback, callback_steps,
+                           callback_on_step_end, callback_on_step_end_tensor_inputs, cond_args)
+        with hooks:
+            x = run_sampler(sampler_fn, model, x, sigmas, cond_args, hooks, generator=generator, eta=eta,
+                            tol_scale=tol_scale, steps=num_inference_steps)
 
         # 5. decode and crop to exactly twice the input
         x = imgs.crop_latents(x.to(dtype), prepared)
@@ -279,9 +308,21 @@ class StableDiffusionLatentUpscalePipeline:
         else:
             pixels = self.vae.decode((x / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
             images = imgs.postprocess(pixels, prepared, output_type)
+        self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return StableDiffusionPipelineOutput(images=images)
+
+    def _sigmas(self, steps: int, schedule: str, faithful: bool):
+        """(σ list the sampler visits, diffusers' timesteps for the legacy callback, initial σ)."""
+        if faithful:  # the notebook's constants and its float32 log-linear spacing
+            sigmas = schedules.log_linear(steps, NOTEBOOK_SIGMA_MIN, NOTEBOOK_SIGMA_MAX)
+            return sigmas, sigmas[:-1], torch.tensor(NOTEBOOK_SIGMA_MAX)
+        if schedule == "log_linear":
+            s = self.scheduler.schedule(steps)
+            return s.sigmas[: steps + 1], s.timesteps, s.init_noise_sigma
+        sigmas = schedules.SCHEDULES[schedule](steps, self.scheduler.sigma_min, self.scheduler.sigma_max)
+        return sigmas, sigmas[:-1], sigmas[0]
 
     @staticmethod
     def _check_latents(latents: torch.Tensor, shape: tuple, prepared: imgs.PreparedImage) -> torch.Tensor:
@@ -292,29 +333,6 @@ class StableDiffusionLatentUpscalePipeline:
         if tuple(latents.shape) == exact:
             return imgs.pad_bottom_right(latents, shape[2], shape[3])
         raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {exact} for this image batch")
-
-    def _sample(self, model, x, sigmas, cond, timesteps, callback, callback_steps):
-        """Euler over ``sigmas`` with a progress bar; the legacy callback sees each step's result."""
-        from tqdm.auto import tqdm
-
-        steps = len(sigmas) - 1
-        bar = tqdm(total=steps, **self._progress_bar_config)
-
-        def report(step: int, latents: torch.Tensor) -> None:
-            if callback is not None and step % callback_steps == 0:
-                callback(step, timesteps[step], latents)
-
-        def on_step(info: Dict[str, Any]) -> None:
-            # k-diffusion callbacks fire once a step's model evaluation is done, before its update:
-            # x here is the previous step's result
-            bar.update()
-            if info["i"] > 0:
-                report(info["i"] - 1, info["x"])
-
-        with bar:
-            x = sample_euler(model, x, sigmas, extra_args=cond, callback=on_step, disable=True)
-            report(steps - 1, x)
-        return x
 
     # ---- helpers of the seed example ----
 
@@ -330,28 +348,12 @@ class StableDiffusionLatentUpscalePipeline:
         return imgs.numpy_to_pil(images)
 
 
-def _prompt_list(prompt: PromptType, name: str) -> List[str]:
-    if prompt is None:
-        return [""]
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
-        if not prompt:
-            raise ValueError(f"{name} is an empty list; pass a string or one string per image")
-        return list(prompt)
-    raise TypeError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
-
-
 def _broadcast_batch(n_prompts: int, n_images: int) -> int:
     if n_prompts == n_images or n_images == 1 or n_prompts == 1:
         return max(n_prompts, n_images)
     raise ValueError(
         f"{n_prompts} prompts for {n_images} images; pass one prompt per image, or a single prompt for all"
     )
-
-
-def _batch(t: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return t if t.shape[0] == batch_size else t.expand(batch_size, *t.shape[1:])
 
 
 def _check_call(prompt, image, steps, negative_prompt, negative_prompt_embeds, prompt_embeds, pooled,

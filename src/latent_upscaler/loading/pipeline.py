@@ -24,6 +24,8 @@ from .hub import resolve_folder
 from .weights import load_model, save_model
 
 PIPELINE_CLASS = "StableDiffusionLatentUpscalePipeline"
+#: the original model's noise-level embedding, beside the UNet weights (diffusers ignores the file)
+NOISE_EMBED_FILE = "low_res_noise_embed.safetensors"
 MODEL_INDEX = {
     "scheduler": ["diffusers", "EulerDiscreteScheduler"],
     "text_encoder": ["transformers", "CLIPTextModel"],
@@ -43,7 +45,7 @@ def load_pipeline(cls, pretrained_model_name_or_path, *, torch_dtype: Optional[t
     ``variant`` picks ``*.{variant}.safetensors`` files (e.g. "fp16"). Safetensors are preferred;
     ``.bin`` files load with ``torch.load(weights_only=True)`` unless ``use_safetensors=True``.
     """
-    unknown = set(components) - set(MODEL_INDEX)
+    unknown = set(components) - set(MODEL_INDEX) - {"low_res_noise_embed"}
     if unknown:
         raise TypeError(f"from_pretrained() got unexpected arguments {sorted(unknown)}")
     if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
@@ -74,7 +76,50 @@ def load_pipeline(cls, pretrained_model_name_or_path, *, torch_dtype: Optional[t
         from transformers import CLIPTokenizer
 
         components["tokenizer"] = CLIPTokenizer.from_pretrained(sub("tokenizer"))
+    if "low_res_noise_embed" not in components:
+        components["low_res_noise_embed"] = read_noise_embedding(sub("unet"))
     return cls(**components)
+
+
+def read_noise_embedding(unet_folder: str) -> Optional[torch.Tensor]:
+    """The original checkpoint's (64, 1) noise-level frequencies, kept beside the UNet by our
+    conversion in a file diffusers ignores; None for folders without it (e.g. the hub's)."""
+    path = os.path.join(unet_folder, NOISE_EMBED_FILE)
+    if not os.path.isfile(path):
+        return None
+    from safetensors.torch import load_file
+
+    weight = load_file(path).get("weight")
+    if weight is None or weight.ndim != 2 or weight.shape[1] != 1:
+        raise ValueError(f"{path} should hold one tensor 'weight' of shape (64, 1): the original "
+                         "checkpoint's low_res_noise_embed.weight")
+    return weight.float()
+
+
+def load_single_file(cls, checkpoint, *, config=None, components_from=None, torch_dtype=None, dtype=None,
+                     **kwargs: Any):
+    """The pipeline around the ORIGINAL k-diffusion checkpoint (``model_ema`` in a ``.pth``/``.ckpt``
+    or ``.safetensors``) and its JSON config (the real model's when None).
+
+    The checkpoint holds only the UNet and the noise-level embedding; the VAE, CLIP, tokenizer and
+    scheduler come from the hub-layout folder or hub id ``components_from`` (by default the hub's
+    sd-x2-latent-upscaler), unless they are passed by name.
+    """
+    from .hub import DEFAULT_MODEL
+    from .original import load_original_unet
+
+    if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+        raise ValueError("pass dtype or torch_dtype (its older name), not both")
+    dtype = dtype or torch_dtype
+    unet, noise_embed = load_original_unet(checkpoint, config, dtype=dtype or torch.float32)
+    components = {k: kwargs.pop(k) for k in list(kwargs) if k in MODEL_INDEX}
+    components["unet"] = unet
+    components["low_res_noise_embed"] = None if noise_embed is None else noise_embed.float()
+    if all(name in components for name in MODEL_INDEX):
+        if kwargs:
+            raise TypeError(f"from_single_file() got unexpected arguments {sorted(kwargs)}")
+        return cls(**components)
+    return load_pipeline(cls, components_from or DEFAULT_MODEL, dtype=dtype, **components, **kwargs)
 
 
 def _check_model_index(folder: str) -> None:
@@ -111,3 +156,8 @@ def save_pipeline(pipe, save_directory, *, safe_serialization: bool = True, vari
     pipe.text_encoder.save_pretrained(os.path.join(save_directory, "text_encoder"),
                                       safe_serialization=safe_serialization, variant=variant)
     pipe.tokenizer.save_pretrained(os.path.join(save_directory, "tokenizer"))
+    if pipe.low_res_noise_embed is not None:
+        from safetensors.torch import save_file
+
+        save_file({"weight": pipe.low_res_noise_embed.detach().float().contiguous().cpu()},
+                  os.path.join(save_directory, "unet", NOISE_EMBED_FILE))
