@@ -53,9 +53,11 @@ def check_options(fn: Callable, name: str, sigma_schedule: str, eta: Optional[fl
 
 
 def run_sampler(fn: Callable, model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Dict[str, Any],
-                hooks: "StepHooks", *, generator, eta: Optional[float], tol_scale: float, steps: int) -> torch.Tensor:
+                hooks: "StepHooks", *, generator, eta: Optional[float], tol_scale: float, steps: int,
+                sigma_range: Optional[tuple] = None) -> torch.Tensor:
     """Call ``fn`` with the arguments its signature takes (k-diffusion's, plus ``generator`` and
-    ``step_end``)."""
+    ``step_end``). The DPM-Solver samplers get ``sigma_range`` (σ_min, σ_max) instead of the σ list
+    (by default the list's smallest positive and largest values)."""
     kwargs: Dict[str, Any] = {"extra_args": extra_args, "disable": True}
     if _accepts(fn, "generator"):
         kwargs["generator"] = generator
@@ -66,8 +68,10 @@ def run_sampler(fn: Callable, model: Callable, x: torch.Tensor, sigmas: torch.Te
     else:
         kwargs["callback"] = hooks.kdiffusion_callback
     sigmas = sigmas.to(x.device)
-    positive = sigmas[sigmas > 0]
-    sigma_min, sigma_max = float(positive.min()), float(positive.max())
+    if sigma_range is None:
+        positive = sigmas[sigmas > 0]
+        sigma_range = (float(positive.min()), float(positive.max()))
+    sigma_min, sigma_max = sigma_range
     name = fn.__name__.removeprefix("sample_")
     if name == "dpm_fast":
         x = fn(model, x, sigma_min, sigma_max, steps, **kwargs)

@@ -299,7 +299,8 @@ class StableDiffusionLatentUpscalePipeline(PipelineSwitches):
                            callback_on_step_end, callback_on_step_end_tensor_inputs, cond_args)
         with hooks:
             x = run_sampler(sampler_fn, model, x, sigmas, cond_args, hooks, generator=generator, eta=eta,
-                            tol_scale=tol_scale, steps=num_inference_steps)
+                            tol_scale=tol_scale, steps=num_inference_steps,
+                            sigma_range=(NOTEBOOK_SIGMA_MIN, NOTEBOOK_SIGMA_MAX) if faithful else None)
 
         # 5. decode and crop to exactly twice the input
         x = imgs.crop_latents(x.to(dtype), prepared)
