@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import max_diff
 from diffusers import UNet2DConditionModel  # before k-diffusion: kdiffusion_ref's torchvision stand-in has no __spec__
+from hub_configs import HUB_UNET as HUB_UNET_CONFIG
 from kdiffusion_ref import import_k_diffusion
 
 from latent_upscaler.configuration import ConfigError
@@ -43,22 +44,6 @@ TINY = {
     "sigma_sample_density": {"type": "lognormal", "mean": -0.5, "std": 1.2},
 }
 
-# reference/diffusers-reference.md §2.2: the hub's unet/config.json
-HUB_UNET_CONFIG = {
-    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.13.0.dev0",
-    "_name_or_path": "/home/patrick_huggingface_co/latent-upscaler/unet",
-    "act_fn": "gelu", "attention_head_dim": 64, "block_out_channels": [384, 384, 768, 768],
-    "center_input_sample": False, "class_embed_type": None, "conv_in_kernel": 1, "conv_out_kernel": 1,
-    "cross_attention_dim": 768,
-    "down_block_types": ["KDownBlock2D", "KCrossAttnDownBlock2D", "KCrossAttnDownBlock2D", "KCrossAttnDownBlock2D"],
-    "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
-    "in_channels": 8, "layers_per_block": 4, "mid_block_scale_factor": 1, "mid_block_type": None,
-    "norm_eps": 1e-05, "norm_num_groups": None, "num_class_embeds": None, "only_cross_attention": False,
-    "out_channels": 5, "resnet_time_scale_shift": "scale_shift", "sample_size": None,
-    "time_cond_proj_dim": 896, "time_embedding_type": "fourier", "timestep_post_act": "gelu",
-    "up_block_types": ["KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KUpBlock2D"],
-    "upcast_attention": False, "use_linear_projection": False,
-}
 
 
 def _kdiffusion_model(config):

@@ -7,12 +7,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import PROMPT, floats_tensor, generator, max_diff
+from hub_configs import HUB_SCHEDULER
 
 TOL = 1e-5
-HUB_SCHEDULER = {
-    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-    "interpolation_type": "log_linear", "prediction_type": "original_sample", "trained_betas": None,
-}
 
 
 def _inputs(**overrides):
@@ -102,9 +99,9 @@ def test_hub_scheduler_config(tiny_diffusers_pipe, tiny_pipe, steps):
 
     from latent_upscaler.scheduler import EulerDiscreteScheduler
 
-    theirs = type(tiny_diffusers_pipe)(**{**tiny_diffusers_pipe.components, "scheduler": TheirScheduler(**HUB_SCHEDULER)})
+    theirs = type(tiny_diffusers_pipe)(**{**tiny_diffusers_pipe.components, "scheduler": TheirScheduler.from_config(HUB_SCHEDULER)})
     theirs.set_progress_bar_config(disable=True)
-    ours = type(tiny_pipe)(**{**tiny_pipe.components, "scheduler": EulerDiscreteScheduler(**HUB_SCHEDULER)})
+    ours = type(tiny_pipe)(**{**tiny_pipe.components, "scheduler": EulerDiscreteScheduler.from_config(HUB_SCHEDULER)})
     ours.set_progress_bar_config(disable=True)
     expected, actual = run_both(theirs, ours, num_inference_steps=steps, generator=0)
     assert_same(expected, actual)

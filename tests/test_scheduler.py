@@ -7,14 +7,11 @@ import json
 import pytest
 import torch
 
+from hub_configs import HUB_SCHEDULER as HUB
+
 from latent_upscaler.configuration import ConfigError
 from latent_upscaler.scheduler import EulerDiscreteScheduler
 
-HUB = {
-    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.13.0.dev0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-    "interpolation_type": "log_linear", "prediction_type": "original_sample", "trained_betas": None,
-}
 TEST = {"prediction_type": "sample"}  # diffusers' test scheduler: linear betas, linear interpolation
 
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # noqa: E402  (a test dependency: scripts/test installs it)
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.downsampling import KDownsample2D  # noqa: E402
 from diffusers.models.upsampling import KUpsample2D  # noqa: E402
@@ -19,23 +19,8 @@ from latent_upscaler.configuration import ConfigError  # noqa: E402
 from latent_upscaler.models.base import no_weight_init  # noqa: E402
 from latent_upscaler.models.layers import KDownsample, KUpsample  # noqa: E402
 from latent_upscaler.models.unet import KUNet, UNetConfig  # noqa: E402
+from hub_configs import HUB_UNET as HUB_CONFIG  # noqa: E402
 
-# reference §2.2: unet/config.json of stabilityai/sd-x2-latent-upscaler (revision 12f0a89 and later)
-HUB_CONFIG = {
-    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.13.0.dev0",
-    "_name_or_path": "/home/patrick_huggingface_co/latent-upscaler/unet",
-    "act_fn": "gelu", "attention_head_dim": 64, "block_out_channels": [384, 384, 768, 768],
-    "center_input_sample": False, "class_embed_type": None, "conv_in_kernel": 1, "conv_out_kernel": 1,
-    "cross_attention_dim": 768,
-    "down_block_types": ["KDownBlock2D", "KCrossAttnDownBlock2D", "KCrossAttnDownBlock2D", "KCrossAttnDownBlock2D"],
-    "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
-    "in_channels": 8, "layers_per_block": 4, "mid_block_scale_factor": 1, "mid_block_type": None,
-    "norm_eps": 1e-05, "norm_num_groups": None, "num_class_embeds": None, "only_cross_attention": False,
-    "out_channels": 5, "resnet_time_scale_shift": "scale_shift", "sample_size": None,
-    "time_cond_proj_dim": 896, "time_embedding_type": "fourier", "timestep_post_act": "gelu",
-    "up_block_types": ["KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KUpBlock2D"],
-    "upcast_attention": False, "use_linear_projection": False,
-}
 
 # reference §5.1: the tiny UNet of diffusers' pipeline tests
 TINY_CONFIG = dict(

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from hub_configs import HUB_VAE as HUB_CONFIG
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # noqa: E402  (a test dependency: scripts/test installs it)
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from latent_upscaler.configuration import ConfigError  # noqa: E402
@@ -20,23 +21,6 @@ TINY = dict(
     up_block_types=["UpDecoderBlock2D"] * 4,
     latent_channels=4,
 )
-# reference §2.4, as a diffusers 0.13 folder writes it (fewer fields than 0.42)
-HUB_CONFIG = {
-    "_class_name": "AutoencoderKL",
-    "_diffusers_version": "0.13.0.dev0",
-    "_name_or_path": "/home/patrick_huggingface_co/latent-upscaler/vae",
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
 
 
 def ours_from(reference) -> AutoencoderKL:
