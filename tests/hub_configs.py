@@ -34,9 +34,6 @@ HUB_SCHEDULER = {
     "interpolation_type": "log_linear", "prediction_type": "original_sample", "trained_betas": None,
 }
 
-# §2.5 text_encoder/config.json: CLIP ViT-L/14's text tower (keyword arguments of CLIPTextConfig)
-HUB_TEXT_ENCODER = {
-    "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-    "hidden_act": "quick_gelu", "max_position_embeddings": 77, "vocab_size": 49408, "bos_token_id": 0,
-    "eos_token_id": 2, "pad_token_id": 1, "projection_dim": 768, "layer_norm_eps": 1e-05,
-}
+# §2.5 text_encoder/config.json: CLIP ViT-L/14's text tower (keyword arguments of CLIPTextConfig);
+# the library keeps it for --random-weights
+from latent_upscaler.random_weights import HUB_TEXT_ENCODER  # noqa: E402,F401

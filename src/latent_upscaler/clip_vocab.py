@@ -68,3 +68,20 @@ def build_clip_tokenizer(bpe_path: Optional[str] = None, n_merges: int = FULL_ME
         with open(merges_file, "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
         return CLIPTokenizer(vocab_file, merges_file, model_max_length=max_length)
+
+
+def build_byte_level_tokenizer(max_length: int = 77):
+    """A ``transformers.CLIPTokenizer`` without merges: every byte of a word is one token (514 ids,
+    all below CLIP's vocabulary size). Not CLIP's tokenization; for models with random weights
+    where the BPE file is not installed."""
+    from transformers import CLIPTokenizer
+
+    bytes_ = list(byte_to_unicode().values())
+    tokens = bytes_ + [t + "</w>" for t in bytes_] + ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt")
+        with open(vocab_file, "w", encoding="utf-8") as f:
+            json.dump({t: i for i, t in enumerate(tokens)}, f)
+        with open(merges_file, "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n")
+        return CLIPTokenizer(vocab_file, merges_file, model_max_length=max_length)
