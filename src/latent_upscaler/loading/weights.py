@@ -12,6 +12,7 @@ from typing import Dict, Optional, Type
 import torch
 
 from ..models.base import ModelBase, no_weight_init
+from ..models.ops import return_freed_memory
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 CONFIG_NAME = "config.json"
@@ -83,7 +84,9 @@ def load_model(cls: Type[ModelBase], folder: str, *, dtype: Optional[torch.dtype
         model = cls(config)
     weights = find_weights(folder, variant, use_safetensors)
     model.load_weights(read_state_dict(weights), source=weights)
-    return model.to(dtype or torch.float32).eval()
+    model = model.to(dtype or torch.float32).eval()
+    return_freed_memory()  # the file's tensors (and float32 copies) would otherwise stay in the heap
+    return model
 
 
 def save_model(model: ModelBase, folder: str, safe: bool = True, variant: Optional[str] = None) -> None:

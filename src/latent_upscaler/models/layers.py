@@ -10,11 +10,13 @@ embedding that conditions every normalisation.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .ops import Conv2d, activation_, add_into
 
 #: the activations diffusers' ``get_activation`` knows (looked up lower-cased, like diffusers)
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "mish": nn.Mish, "relu": nn.ReLU}
@@ -97,7 +99,8 @@ class AdaGroupNorm(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """``x``: (B, channels, H, W); ``emb``: (B, emb_dim). Returns the layout of ``x``."""
         scale, shift = self.linear(emb)[:, :, None, None].chunk(2, dim=1)
-        return F.group_norm(x, self.groups, eps=self.eps) * (1 + scale) + shift
+        # in place on the fresh normalised tensor: the same arithmetic, without two temporaries
+        return F.group_norm(x, self.groups, eps=self.eps).mul_(1 + scale).add_(shift)
 
 
 class ResnetBlock(nn.Module):
@@ -122,20 +125,20 @@ class ResnetBlock(nn.Module):
     ):
         super().__init__()
         self.norm1 = AdaGroupNorm(emb_dim, in_channels, groups_in, eps)
-        self.conv1 = nn.Conv2d(in_channels, mid_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, mid_channels, 3, padding=1)
         self.norm2 = AdaGroupNorm(emb_dim, mid_channels, groups_mid, eps)
-        self.conv2 = nn.Conv2d(mid_channels, out_channels, 3, padding=1)
-        self.act = activation(act)
+        self.conv2 = Conv2d(mid_channels, out_channels, 3, padding=1)
+        self.act_ = activation_(act)  # in place: its inputs are fresh norm outputs
         self.conv_shortcut = (
-            nn.Conv2d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else None
+            Conv2d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else None
         )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """``x``: (B, in_channels, H, W); ``emb``: (B, emb_dim). Returns (B, out_channels, H, W)."""
-        h = self.conv1(self.act(self.norm1(x, emb)))
-        h = self.conv2(self.act(self.norm2(h, emb)))
+        h = self.conv1(self.act_(self.norm1(x, emb)))
+        h = self.conv2(self.act_(self.norm2(h, emb)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        return add_into(skip, h, fresh=h)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,6 +268,31 @@ def _narrow(t: torch.Tensor, dim: int, index: slice) -> torch.Tensor:
     return t if t.shape[dim] == 1 else t[(slice(None),) * dim + (index,)]
 
 
+class TextContext:
+    """The text tokens as the cross-attention layers read them: per layer, the keys and values of its
+    ``norm_cross``-ed context, split into heads (B, heads, T, head_dim).
+
+    They depend on the text encoder states only, so an upscale computes them once for all its steps
+    (:meth:`KUNet.text_context`) instead of once per step and layer: each layer computes its own at
+    its first call (inside the model's forward, where offloading hooks have put its weights in place).
+    """
+
+    def __init__(self, states: torch.Tensor):
+        self.states = states  # (B, T, context_dim), the encoder states they are computed from
+        self._version = states._version
+        self._keys_values: Dict[nn.Module, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keys_values(self, layer: "Attention") -> Tuple[torch.Tensor, torch.Tensor]:
+        """``layer``'s keys and values of the states, computed at the first request."""
+        if layer not in self._keys_values:
+            self._keys_values[layer] = layer.keys_values(self.states)
+        return self._keys_values[layer]
+
+    def is_for(self, states: torch.Tensor) -> bool:
+        """Whether this holds ``states`` as it is now (the same tensor, not modified since)."""
+        return states is self.states and states._version == self._version
+
+
 class Attention(SwitchableAttention):
     """Multi-head attention with biased q/k/v/out projections, ``softmax(q kᵀ / √head_dim) v``.
 
@@ -284,21 +312,35 @@ class Attention(SwitchableAttention):
         self.to_v = nn.Linear(kv_dim, inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # key ``to_out.0``, as in diffusers
 
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        # (B, L, heads * D) -> (B, heads, L, D), a view
+        return t.view(t.shape[0], t.shape[1], self.heads, t.shape[-1] // self.heads).transpose(1, 2)
+
+    def keys_values(self, source: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, heads, T, head_dim) of ``source``: the (B, T, context_dim) context for
+        cross-attention (normalised here), the (B, L, dim) queries' tokens for self-attention."""
+        if self.norm_cross is not None:
+            source = self.norm_cross(source)
+        return self._heads(self.to_k(source)), self._heads(self.to_v(source))
+
     def forward(
         self,
         x: torch.Tensor,
-        context: Optional[torch.Tensor] = None,
+        context: "Optional[torch.Tensor | TextContext]" = None,
         context_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``x``: (B, L, dim) queries; ``context``: (B, T, context_dim) for cross-attention, ignored
-        for self-attention; ``context_mask``: (B, T) bool/additive (see :func:`attention_bias`) or an
-        additive bias broadcastable to (B, heads, L, T); None attends to every token.
-        Returns (B, L, dim)."""
+        """``x``: (B, L, dim) queries; ``context``: (B, T, context_dim) for cross-attention, or a
+        :class:`TextContext` that holds this layer's keys and values; ignored for self-attention;
+        ``context_mask``: (B, T) bool/additive (see :func:`attention_bias`) or an additive bias
+        broadcastable to (B, heads, L, T); None attends to every token. Returns (B, L, dim)."""
         batch = x.shape[0]
-        q = self.to_q(x)
-        source = x if self.norm_cross is None else self.norm_cross(context)
-        k, v = self.to_k(source), self.to_v(source)
-        q, k, v = (t.view(batch, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
+        q = self._heads(self.to_q(x))
+        if self.norm_cross is None:
+            k, v = self.keys_values(x)
+        elif isinstance(context, TextContext):
+            k, v = context.keys_values(self)
+        else:
+            k, v = self.keys_values(context)
         if context_mask is not None and (context_mask.dtype == torch.bool or context_mask.ndim == 2):
             context_mask = attention_bias(context_mask, q.dtype)
         out = self.attend(q, k, v, context_mask)
@@ -334,16 +376,16 @@ class AttentionBlock(nn.Module):
         self,
         x: torch.Tensor,
         emb: torch.Tensor,
-        context: torch.Tensor,
+        context: "torch.Tensor | TextContext",
         context_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``x``: (B, dim, H, W); ``emb``: (B, emb_dim); ``context``: (B, T, context_dim) text
-        encoder states; ``context_mask``: see :meth:`Attention.forward`. Returns the layout of ``x``."""
-        # The attention output is added first: _image returns a channels-last view, so the sum (and
-        # every convolution after it) runs channels-last, as in diffusers, which keeps outputs bitwise equal.
+        encoder states or their :class:`TextContext`; ``context_mask``: see :meth:`Attention.forward`.
+        Returns the layout of ``x``."""
+        # the attention output (a fresh tensor, which _image views channels-last) takes the residual
         if self.attn1 is not None:
-            x = self._image(self.attn1(self._tokens(self.norm1(x, emb))), x) + x
-        return self._image(self.attn2(self._tokens(self.norm2(x, emb)), context, context_mask), x) + x
+            x = add_into(self._image(self.attn1(self._tokens(self.norm1(x, emb))), x), x)
+        return add_into(self._image(self.attn2(self._tokens(self.norm2(x, emb)), context, context_mask), x), x)
 
     @staticmethod
     def _tokens(x: torch.Tensor) -> torch.Tensor:

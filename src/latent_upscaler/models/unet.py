@@ -34,6 +34,7 @@ from .layers import (
     KDownsample,
     KUpsample,
     ResnetBlock,
+    TextContext,
     TimestepEmbedding,
     activation,
     attention_bias,
@@ -41,6 +42,7 @@ from .layers import (
     check_xformers,
     freeu,
 )
+from .ops import Conv2d
 
 DOWN_BLOCK_TYPES = ("KDownBlock2D", "KCrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("KUpBlock2D", "KCrossAttnUpBlock2D")
@@ -417,8 +419,8 @@ class KUNet(ModelBase):
         super().__init__(config)
         widths = config.block_out_channels
         emb_dim = config.time_embed_dim
-        self.conv_in = nn.Conv2d(config.in_channels, widths[0], config.conv_in_kernel,
-                                 padding=(config.conv_in_kernel - 1) // 2)
+        self.conv_in = Conv2d(config.in_channels, widths[0], config.conv_in_kernel,
+                              padding=(config.conv_in_kernel - 1) // 2)
         self.time_proj = FourierFeatures(emb_dim // 2, config.flip_sin_to_cos)
         self.time_embedding = TimestepEmbedding(emb_dim, emb_dim, config.act_fn, config.timestep_post_act,
                                                 config.time_cond_proj_dim)
@@ -430,17 +432,23 @@ class KUNet(ModelBase):
         else:
             self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, widths[0], eps=config.norm_eps)
             self.conv_act = activation(config.act_fn)
-        self.conv_out = nn.Conv2d(widths[0], config.out_channels, config.conv_out_kernel,
-                                  padding=(config.conv_out_kernel - 1) // 2)
+        self.conv_out = Conv2d(widths[0], config.out_channels, config.conv_out_kernel,
+                               padding=(config.conv_out_kernel - 1) // 2)
         # n - 1 halvings, and the deepest upsampler reflect-pads, so it needs at least 2 pixels
         self._size_multiple = 2 ** (len(widths) - 1)
         self._min_size = 2 * self._size_multiple if len(widths) > 1 else 1
+
+    def text_context(self, encoder_hidden_states: torch.Tensor) -> TextContext:
+        """A holder for every cross-attention layer's keys and values of the (B, T, cross_attention_dim)
+        text encoder states, filled by the first forward: pass it as ``encoder_hidden_states`` to
+        evaluate the UNet many times on the same text without recomputing them (same outputs)."""
+        return TextContext(encoder_hidden_states)
 
     def forward(
         self,
         sample: torch.Tensor,
         timestep: Union[torch.Tensor, float],
-        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states: Union[torch.Tensor, TextContext],
         timestep_cond: Optional[torch.Tensor] = None,
         encoder_attention_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
@@ -450,7 +458,8 @@ class KUNet(ModelBase):
         and the conditioning latents), H and W multiples of 8 and at least 16 for the hub config.
         ``timestep``: 0-d or (B,) tensor ``c_noise = ln(sigma) / 4``; its Fourier features are
         computed in its own dtype (float32 in the pipeline) and cast to ``sample.dtype``.
-        ``encoder_hidden_states``: (B, T, cross_attention_dim) text encoder states.
+        ``encoder_hidden_states``: (B, T, cross_attention_dim) text encoder states, or their
+        :meth:`text_context`.
         ``timestep_cond``: (B, time_cond_proj_dim), added to the features through ``cond_proj``.
         ``encoder_attention_mask``: (B, T) bool (True = attend) or additive float bias over the
         text tokens; None (diffusers' behaviour) attends to all of them.
@@ -460,14 +469,17 @@ class KUNet(ModelBase):
             sample = 2 * sample - 1.0
         emb = self.time_embedding(self._noise_features(timestep, sample), timestep_cond)
         mask = None if encoder_attention_mask is None else attention_bias(encoder_attention_mask, sample.dtype)
+        context = encoder_hidden_states
+        if not isinstance(context, TextContext):  # keys and values for this evaluation only
+            context = self.text_context(context)
 
         h = self.conv_in(sample)
         skips = []
         for block in self.down_blocks:
-            h, skip = block(h, emb, encoder_hidden_states, mask)
+            h, skip = block(h, emb, context, mask)
             skips.append(skip)
         for block, skip in zip(self.up_blocks, reversed(skips)):
-            h = block(h, skip, emb, encoder_hidden_states, mask)
+            h = block(h, skip, emb, context, mask)
         if self.conv_norm_out is not None:
             h = self.conv_act(self.conv_norm_out(h))
         return self.conv_out(h)
