@@ -19,6 +19,7 @@ from .conditioning import UpscalerConditioning, augment_low_res, prepare_conditi
 from .denoiser import KarrasDenoiser
 from .driver import NOTEBOOK_SIGMA_MAX, NOTEBOOK_SIGMA_MIN, StepHooks, check_options, get_sampler, run_sampler
 from .guidance import ClassifierFreeGuidance, guidance_mode
+from .memory import MemoryLike, plan_call
 from .prompts import PromptType, TextStates, broadcast, encode_text, prompt_list
 from .randomness import randn
 from .switches import PipelineSwitches
@@ -205,6 +206,10 @@ class StableDiffusionLatentUpscalePipeline(PipelineSwitches):
         faithful: bool = False,
         callback_on_step_end: Optional[Callable[..., Dict[str, torch.Tensor]]] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        max_memory: MemoryLike = "auto",
+        tile_size: Optional[int] = None,
+        vae_tile_size: Optional[int] = None,
+        tile_overlap: Optional[int] = None,
     ):
         """Upscale ``image`` ×2, guided by ``prompt``.
 
@@ -242,6 +247,16 @@ class StableDiffusionLatentUpscalePipeline(PipelineSwitches):
             callback_on_step_end: ``f(pipe, step, sigma, callback_kwargs) -> dict`` after every
                 step; ``callback_kwargs`` holds ``callback_on_step_end_tensor_inputs``; a returned
                 "latents" replaces the sampler's state.
+            max_memory: the memory the call may use in all (weights included), in bytes or as "12GiB";
+                "auto": what the process holds plus 90 % of the device's free memory, and VAE tiles
+                for outputs larger than 512 px on a side (latent_upscaler.memory.AUTO_VAE_FROM);
+                None: no limit and no tiles unless sizes are given. The UNet and VAE run in the
+                largest tiles whose estimated peak fits (latent_upscaler.memory); a budget that even
+                the smallest tiles exceed raises MemoryBudgetError before any work.
+            tile_size: UNet tiles, in output pixels (a multiple of 64): overrides the budget's choice.
+            vae_tile_size: VAE tiles, in output pixels (a multiple of 8): overrides the budget's choice.
+            tile_overlap: pixels shared by neighbouring tiles (default: a quarter of a UNet tile,
+                64 pixels for VAE tiles).
 
         Returns:
             :class:`StableDiffusionPipelineOutput` or ``(images,)``.
@@ -256,9 +271,12 @@ class StableDiffusionLatentUpscalePipeline(PipelineSwitches):
         prepared = imgs.prepare_image(image)
         n_prompts = prompt_embeds.shape[0] if prompt_embeds is not None else len(prompt_list(prompt, "prompt"))
         batch_size = _broadcast_batch(n_prompts, prepared.batch_size)
+        mode = guidance_mode(guidance_scale, faithful)
+        # the tiles the memory budget needs, or an error before any work
+        plan = plan_call(self, prepared, batch_size, 2 if mode == "cfg" else 1, max_memory, tile_size,
+                         vae_tile_size, tile_overlap)
 
         # 1. text: guidance 0 means unconditional (the prompt is replaced by "")
-        mode = guidance_mode(guidance_scale, faithful)
         if mode == "uncond":
             prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt = [""], None, None, None
         cond, uncond = self._text_states(prompt, negative_prompt, prompt_embeds, pooled_prompt_embeds,
@@ -272,7 +290,8 @@ class StableDiffusionLatentUpscalePipeline(PipelineSwitches):
         if low_res.shape[0] != batch_size:
             low_res = low_res.expand(batch_size, -1, -1, -1)
         if not prepared.is_latent:
-            low_res = self.vae.encode(low_res).latent_dist.sample(generator) * self.vae.config.scaling_factor
+            with plan.vae_tiling(self.vae):
+                low_res = self.vae.encode(low_res).latent_dist.sample(generator) * self.vae.config.scaling_factor
         low_res = augment_low_res(low_res, noise_level, noise_aug_type, generator)
 
         # 3. conditioning, σ schedule and initial noise
@@ -292,22 +311,26 @@ class StableDiffusionLatentUpscalePipeline(PipelineSwitches):
         x = (latents.to(device=device, dtype=dtype) * init_sigma.to(device)).float()
 
         # 4. sample: sampler(guidance(denoiser(conditioning(unet))))
-        model = KarrasDenoiser(UpscalerConditioning(self.unet))
+        conditioning = UpscalerConditioning(self.unet)
+        model = KarrasDenoiser(conditioning)
         if mode == "cfg":
             model = ClassifierFreeGuidance(model, guidance_scale)
+        model = plan.wrap(model)  # MultiDiffusion over latent tiles, when the plan has them
         hooks = StepHooks(self, self._progress_bar_config, sigmas, timesteps, callback, callback_steps,
                            callback_on_step_end, callback_on_step_end_tensor_inputs, cond_args)
         with hooks:
             x = run_sampler(sampler_fn, model, x, sigmas, cond_args, hooks, generator=generator, eta=eta,
                             tol_scale=tol_scale, steps=num_inference_steps,
                             sigma_range=(NOTEBOOK_SIGMA_MIN, NOTEBOOK_SIGMA_MAX) if faithful else None)
+        conditioning.release()  # its per-upscale caches (text keys and values, packed weights), before decoding
 
         # 5. decode and crop to exactly twice the input
         x = imgs.crop_latents(x.to(dtype), prepared)
         if output_type == "latent":
             images = x
         else:
-            pixels = self.vae.decode((x / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+            with plan.vae_tiling(self.vae):
+                pixels = self.vae.decode((x / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
             images = imgs.postprocess(pixels, prepared, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

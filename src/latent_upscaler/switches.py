@@ -245,8 +245,8 @@ class PipelineSwitches:
         switch = getattr(self.vae, method, None)
         if switch is None:
             raise NotImplementedError(
-                f"{type(self.vae).__name__} has no {method}() in this version of latent_upscaler: VAE tiling is not "
-                "implemented yet. For less memory on batches use enable_vae_slicing()"
+                f"{type(self.vae).__name__} has no {method}(): VAE tiling needs latent_upscaler's AutoencoderKL "
+                "(load the pipeline with from_pretrained), or pass max_memory / vae_tile_size to the call"
             )
         return switch
 

@@ -59,6 +59,8 @@ OPTIONS = {
     "negative_prompt": "--negative-prompt", "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale",
     "sampler": "--sampler", "sigma_schedule": "--sigma-schedule", "eta": "--eta", "tol_scale": "--tol-scale",
     "noise_level": "--noise-level", "noise_aug_type": "--noise-aug-type", "faithful": "--faithful",
+    "max_memory": "--max-memory", "tile_size": "--tile-size", "vae_tile_size": "--vae-tile-size",
+    "tile_overlap": "--tile-overlap",
 }
 
 
@@ -141,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, ... (default: the best available)")
     g.add_argument("--batch-size", type=int, metavar="N", default=1,
                    help="images of the same size upscaled together (default: %(default)s)")
+
+    g.add_argument("--max-memory", default=default["max_memory"], metavar="SIZE",
+                   help="memory the upscale may use in all, weights included, e.g. 6GiB or 4000MB; 'auto' "
+                        "(default): 90%% of what is free, and VAE tiles above 512 px; 'none': no limit, no tiles. "
+                        "The UNet and VAE run in the largest tiles that fit; an image that cannot fit fails "
+                        "before any work, saying what would")
+    g.add_argument("--tile-size", type=int, metavar="PX",
+                   help="UNet tiles of PX output pixels (a multiple of 64), whatever --max-memory chooses")
+    g.add_argument("--vae-tile-size", type=int, metavar="PX",
+                   help="VAE tiles of PX output pixels (a multiple of 8), whatever --max-memory chooses")
+    g.add_argument("--tile-overlap", type=int, metavar="PX",
+                   help="pixels shared by neighbouring tiles (default: a quarter of a UNet tile, 64 for the VAE)")
 
     g = p.add_argument_group("messages")
     g.add_argument("-q", "--quiet", action="store_true",
@@ -239,6 +253,16 @@ def _check_arguments(args) -> Optional[str]:
         return "--batch-size must be at least 1"
     if args.seed is not None and args.seed < 0:
         return "--seed must be 0 or more"
+    from ..memory import parse_bytes
+
+    try:
+        parse_bytes(args.max_memory)
+    except ValueError as e:
+        return str(e).replace("max_memory", "--max-memory", 1)
+    for option in ("tile_size", "vae_tile_size", "tile_overlap"):
+        value = getattr(args, option)
+        if value is not None and value < (0 if option == "tile_overlap" else 1):
+            return f"--{option.replace('_', '-')} must be {'0 or more' if option == 'tile_overlap' else 'positive'}"
     if args.prompt_file is not None and args.prompt:
         return "give --prompt or --prompt-file, not both"
     from ..files import check_name_pattern

@@ -22,8 +22,10 @@ from torch import nn
 
 from ..configuration import ConfigError, ModelConfig
 from ..randomness import Generators, randn
+from ..tiling import check_group_norm, tiled_decode, tiled_encode
 from .base import ModelBase
 from .layers import SwitchableAttention, attention_layers, check_xformers
+from .ops import Conv2d, activation_, add_into
 
 #: diffusers' ``get_activation`` names → modules (the resnets use ``act_fn``; the output heads always SiLU)
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
@@ -138,20 +140,19 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int, act_fn: str):
         super().__init__()
         self.norm1 = _group_norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.norm2 = _group_norm(out_channels, groups)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        self.nonlinearity = ACTIVATIONS[act_fn.lower()]()
+        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.nonlinearity_ = activation_(act_fn)  # in place: its inputs are fresh norm outputs
         self.conv_shortcut = None
         if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+            self.conv_shortcut = Conv2d(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.nonlinearity(self.norm1(x)))
-        h = self.conv2(self.nonlinearity(self.norm2(h)))
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h
+        h = self.conv1(self.nonlinearity_(self.norm1(x)))
+        h = self.conv2(self.nonlinearity_(self.norm2(h)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return add_into(skip, h, fresh=h)  # in place when that changes nothing: less peak memory
 
 
 class SelfAttention(SwitchableAttention):
@@ -172,8 +173,8 @@ class SelfAttention(SwitchableAttention):
         tokens = self.group_norm(x.reshape(b, c, h * w)).transpose(1, 2)  # (B, HW, C)
         q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
         attended = self.attend(q, k, v).squeeze(1)  # softmax(q kᵀ / √C) v
-        out = self.to_out[0](attended).transpose(1, 2).reshape(b, c, h, w)
-        return out + x
+        out = self.to_out[0](attended).transpose(1, 2).reshape(b, c, h, w)  # channels-last view
+        return add_into(out, x)
 
 
 class Downsample(nn.Module):
@@ -181,7 +182,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
@@ -192,7 +193,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv = Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -255,7 +256,7 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         widths, groups, act = config.block_out_channels, config.norm_num_groups, config.act_fn
-        self.conv_in = nn.Conv2d(config.in_channels, widths[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, widths[0], kernel_size=3, padding=1)
         levels = len(widths)
         self.down_blocks = nn.ModuleList(
             DownEncoderBlock(widths[max(i - 1, 0)], widths[i], config.layers_per_block, i < levels - 1, groups, act)
@@ -263,8 +264,8 @@ class Encoder(nn.Module):
         )
         self.mid_block = MidBlock(widths[-1], groups, act, config.mid_block_add_attention)
         self.conv_norm_out = _group_norm(widths[-1], groups)
-        self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
+        self.conv_act = nn.SiLU(inplace=True)
+        self.conv_out = Conv2d(widths[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
@@ -281,7 +282,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths = list(reversed(config.block_out_channels))
         groups, act = config.norm_num_groups, config.act_fn
-        self.conv_in = nn.Conv2d(config.latent_channels, widths[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, widths[0], kernel_size=3, padding=1)
         levels, layers = len(widths), config.layers_per_block + 1
         self.up_blocks = nn.ModuleList(  # registered before mid_block, so keys are in diffusers' order
             UpDecoderBlock(widths[max(i - 1, 0)], widths[i], layers, i < levels - 1, groups, act)
@@ -289,8 +290,8 @@ class Decoder(nn.Module):
         )
         self.mid_block = MidBlock(widths[0], groups, act, config.mid_block_add_attention)
         self.conv_norm_out = _group_norm(widths[-1], groups)
-        self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(widths[-1], config.out_channels, kernel_size=3, padding=1)
+        self.conv_act = nn.SiLU(inplace=True)
+        self.conv_out = Conv2d(widths[-1], config.out_channels, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
@@ -319,9 +320,11 @@ class AutoencoderKL(ModelBase):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         latent = config.latent_channels
-        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, kernel_size=1) if config.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(latent, latent, kernel_size=1) if config.use_post_quant_conv else None
+        self.quant_conv = Conv2d(2 * latent, 2 * latent, kernel_size=1) if config.use_quant_conv else None
+        self.post_quant_conv = Conv2d(latent, latent, kernel_size=1) if config.use_post_quant_conv else None
         self.use_slicing = False  # encode/decode one image of a batch at a time
+        self.use_tiling = False  # encode/decode large images in tiles (enable_tiling)
+        self.tile_size, self.tile_overlap, self.tile_group_norm = 64, 8, "sampled"  # set by enable_tiling
 
     @classmethod
     def convert_state_dict(cls, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -343,7 +346,7 @@ class AutoencoderKL(ModelBase):
         """Pixels in [-1, 1], NCHW (H, W multiples of 8 for SD), the model's dtype → the posterior over
         *unscaled* latents (multiply a sample by ``config.scaling_factor`` before the UNet)."""
         self._check_channels(x, self.config.in_channels, "image", "pixels in [-1, 1]")
-        moments = self._per_image(self.encoder, x)
+        moments = self._per_image(self._tiled(tiled_encode, self.encoder, x.shape[-2:], self._scale), x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         posterior = DiagonalGaussianDistribution(moments)
@@ -357,7 +360,7 @@ class AutoencoderKL(ModelBase):
         self._check_channels(z, self.config.latent_channels, "latents", "unscaled VAE latents")
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        sample = self._per_image(self.decoder, z)
+        sample = self._per_image(self._tiled(tiled_decode, self.decoder, z.shape[-2:], 1), z)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
     def forward(
@@ -380,6 +383,40 @@ class AutoencoderKL(ModelBase):
 
     def disable_slicing(self) -> None:
         self.use_slicing = False
+
+    def enable_tiling(self, tile_size: int = 64, overlap: int = 8, group_norm: str = "sampled") -> None:
+        """Encode and decode images larger than ``tile_size`` latent pixels (8× as many image pixels)
+        in overlapping tiles blended with smooth weights: memory grows with the tile, not the image.
+
+        ``overlap``: latent pixels shared by neighbouring tiles. ``group_norm``: how the GroupNorm
+        layers of the tiled blocks are normalised, the same way in every tile, so tiles cannot
+        differ in tone: "sampled" with statistics measured over an evenly spread subset of about 40 %
+        of the tiles' rows and columns (:func:`~latent_upscaler.tiling.spread_tiles`; about 1.5× the
+        work of one pass), "global" with the exact whole-image statistics (the same over every tile:
+        about 5× the work); or "tile" with each tile's own (one pass, as diffusers: tiles can differ
+        in tone). The mid-block's self-attention always sees the whole latent. See
+        :mod:`latent_upscaler.tiling`.
+        """
+        if tile_size < 1 or not 0 <= overlap < tile_size:
+            raise ValueError(f"tile_size {tile_size} and overlap {overlap} must satisfy 0 ≤ overlap < tile_size")
+        check_group_norm(group_norm)
+        self.use_tiling = True
+        self.tile_size, self.tile_overlap, self.tile_group_norm = tile_size, overlap, group_norm
+
+    def disable_tiling(self) -> None:
+        """Encode and decode in one pass again (exact, memory grows with the image)."""
+        self.use_tiling = False
+
+    @property
+    def _scale(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def _tiled(self, tiled_fn, network: nn.Module, size, scale: int):
+        """``network``, or its tiled version when tiling is on and the image is larger than a tile."""
+        fits = max(size) <= self.tile_size * scale
+        if not self.use_tiling or fits or size[0] % scale or size[1] % scale:
+            return network
+        return lambda x: tiled_fn(network, x, self.tile_size, self.tile_overlap, self.tile_group_norm)
 
     def _per_image(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self.use_slicing or x.shape[0] == 1:
