@@ -286,6 +286,8 @@ def test_info_on_files_without_settings(picture, tmp_path, capsys):
     (["-d", "out", "--name", "{stem}.tiff"], "cannot write .tiff"),
     (["-d", "out", "--quality", "80"], "PNG is lossless"),
     (["-d", "out", "--random-weights", "--model", "someone/else"], "--random-weights"),
+    (["-d", "out", "--max-memory", "lots"], "--max-memory 'lots' is not understood"),
+    (["-d", "out", "--tile-size", "0"], "--tile-size must be positive"),
 ])
 def test_argument_errors(picture, args, message, capsys):
     code, _, err = _run(capsys, picture, *args)
@@ -299,6 +301,20 @@ def test_settings_the_pipeline_refuses_stop_the_run(tiny_folder, tmp_path, capsy
                         "--eta", "0.5")  # euler is deterministic
     assert code == 2 and err.count("takes no eta") == 1 and "2 not started" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_memory_options_reach_the_pipeline(tiny_folder, tmp_path, capsys):
+    _save_noise(tmp_path / "in" / "a.png", size=(64, 48))
+    code, _, err = _run(capsys, tmp_path / "in", "-d", tmp_path / "out", "--model", tiny_folder, "--steps", "1",
+                        "--max-memory", "100MB")
+    assert code == 2 and "max_memory" in err and "too small" in err and "at least" in err
+    assert not (tmp_path / "out").exists()
+    code, _, err = _run(capsys, tmp_path / "in", "-d", tmp_path / "tiled", "--model", tiny_folder, "--steps", "1",
+                        "--max-memory", "none", "--tile-size", "256", "--vae-tile-size", "256", "--seed", "3")
+    assert code == 0, err
+    (output,) = (tmp_path / "tiled").iterdir()
+    code, out, _ = _run(capsys, "info", output)
+    assert code == 0 and "--tile-size 256" in out and "--vae-tile-size 256" in out and "--max-memory none" in out
 
 
 def test_missing_paths_are_reported_and_the_rest_done(tiny_folder, picture, tmp_path, capsys):

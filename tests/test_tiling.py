@@ -70,6 +70,20 @@ def test_two_tile_weights_sum_to_one_and_are_smooth():
     assert (ramp.diff() > 0).all() and ramp[0] < 0.01 and ramp[-1] > 0.99
 
 
+@pytest.mark.parametrize("overlap,scale,margin", [(8, 2, 8), (8, 8, 8), (2, 2, 8), (16, 1, 3)])
+def test_weights_with_edge_margins_sum_to_one_and_ignore_the_edges(overlap, scale, margin):
+    a, b = tiling.plan_axis(48, 32, overlap)[:2]
+    total = torch.zeros(48 * scale)
+    wa, wb = a.weights(scale, margin), b.weights(scale, margin)
+    total[a.start * scale:a.end * scale] += wa
+    total[b.start * scale:b.end * scale] += wb
+    assert torch.allclose(total[:b.end * scale], torch.ones(b.end * scale), atol=1e-6)
+    n = (a.end - b.start) * scale
+    m = min(margin, (n - 2) // 2)
+    assert (wb[:m] == 0).all() and (wa[len(wa) - m:] == 0).all()  # the edges a tile cannot see beyond
+    assert (wb[m:n - m] > 0).all() and (wb[m:n - m].diff() > 0).all()
+
+
 def test_plan_tiles_for_the_unet_respects_its_size_rules():
     tiles = tiling.plan_tiles(136, 72, 48, 16, tiling.UNET_MULTIPLE)
     for t in tiles:

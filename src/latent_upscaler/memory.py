@@ -43,11 +43,13 @@ MiB = 1024**2
 
 # What each stage adds to the resident bytes at the start of the call: ``*_LIVE`` copies of its widest
 # full-resolution activation plus ``*_BASE`` bytes whatever the size (what earlier stages left: the
-# runtime's first-call growth after the text encoder, the UNet's per-upscale caches of packed weights
-# and text keys/values during sampling, oneDNN's reordered weights). bench/memory.py calibrate,
-# full-size architecture, float32, CPU, torch 2.13 (README "Large images" lists the fits).
+# runtime's first-call growth after the text encoder, the UNet's text keys/values during sampling,
+# oneDNN's reordered weights). bench/memory.py calibrate, full-size architecture, float32, CPU,
+# torch 2.13 (README "Large images" lists the fits). The UNet's: ``bench/memory.py child stage
+# --stage unet`` at latents of 32, 64 and 128 without packed weights (growth 0.13, 0.23, 0.61 GiB:
+# 10.7 copies + 0.11 GiB), rounded up, plus the runtime's growth left by the text encoder.
 TEXT_BASE = 340 * 1024**2
-UNET_LIVE, UNET_BASE = 32.0, 400 * 1024**2
+UNET_LIVE, UNET_BASE = 11.0, 450 * 1024**2
 ENCODE_LIVE, ENCODE_BASE = 5.5, 370 * 1024**2
 DECODE_LIVE, DECODE_BASE = 7.1, 510 * 1024**2
 MID_LIVE = 7.6  # the VAE mid-block on the whole latent (tiled VAE), copies of a latent-resolution activation

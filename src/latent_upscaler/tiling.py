@@ -59,13 +59,22 @@ class Span:
     def size(self) -> int:
         return self.end - self.start
 
-    def weights(self, scale: int = 1) -> torch.Tensor:
-        """(size·scale,) float32 blending weights at ``scale`` output pixels per plan pixel."""
+    def weights(self, scale: int = 1, margin: int = 0) -> torch.Tensor:
+        """(size·scale,) float32 blending weights at ``scale`` output pixels per plan pixel.
+
+        Over an overlap of n pixels the weight is 0 for the ``margin`` pixels at the tile's edge
+        (where its values miss context beyond the tile), rises as ``sin²`` over the middle and is 1
+        for the last ``margin`` pixels, where the neighbour's edge is; the margin shrinks to leave a
+        ramp of at least 2 pixels. Neighbours' weights sum to one across the overlap."""
         w = torch.ones(self.size * scale)
         for length, flip in ((self.ramp_before, False), (self.ramp_after, True)):
             if length:
                 n = length * scale
-                ramp = torch.sin(0.5 * math.pi * (torch.arange(n) + 0.5) / n) ** 2  # (0, 1), symmetric
+                m = min(margin, max(0, (n - 2) // 2))
+                core = n - 2 * m
+                ramp = torch.ones(n)
+                ramp[:m] = 0
+                ramp[m:m + core] = torch.sin(0.5 * math.pi * (torch.arange(core) + 0.5) / core) ** 2  # symmetric
                 if flip:
                     w[-n:] *= ramp.flip(0)
                 else:
@@ -115,9 +124,9 @@ class Tile:
         """Index of the tile in an NCHW tensor at ``scale`` pixels per plan pixel: ``t[(..., *window)]``."""
         return slice(self.y.start * scale, self.y.end * scale), slice(self.x.start * scale, self.x.end * scale)
 
-    def weights(self, scale: int = 1) -> torch.Tensor:
-        """(size_y·scale, size_x·scale) float32 blending weights."""
-        return self.y.weights(scale)[:, None] * self.x.weights(scale)[None, :]
+    def weights(self, scale: int = 1, margin: int = 0) -> torch.Tensor:
+        """(size_y·scale, size_x·scale) float32 blending weights (see :meth:`Span.weights`)."""
+        return self.y.weights(scale, margin)[:, None] * self.x.weights(scale, margin)[None, :]
 
 
 def plan_tiles(height: int, width: int, tile: int, overlap: int, multiple: int = 1, minimum: int = 1) -> List[Tile]:
@@ -127,10 +136,10 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, multiple: int =
     return [Tile(y, x) for y in rows for x in cols]
 
 
-def _weight_sum(tiles: Sequence[Tile], height: int, width: int, scale: int = 1) -> torch.Tensor:
+def _weight_sum(tiles: Sequence[Tile], height: int, width: int, scale: int = 1, margin: int = 0) -> torch.Tensor:
     total = torch.zeros(height * scale, width * scale)
     for tile in tiles:
-        total[tile.window(scale)] += tile.weights(scale)
+        total[tile.window(scale)] += tile.weights(scale, margin)
     return total
 
 
@@ -329,6 +338,11 @@ def spread_tiles(tiles: Sequence[Tile]) -> List[Tile]:
     return [t for t in tiles if t.y in keep_rows and t.x in keep_cols]
 
 
+#: pixels at a VAE stage tile's edges that get no blending weight (where they overlap a neighbour):
+#: what one stage's convolutions reach from beyond the tile (a decoder stage runs 7 3×3 convolutions
+#: and its output head 1 more; an encoder stage fewer)
+STAGE_MARGIN = 8
+
 #: largest magnitude a float16 checkpoint holds safely
 _FLOAT16_LIMIT = 6.0e4
 
@@ -376,9 +390,9 @@ def run_stage(body: Callable[[torch.Tensor], torch.Tensor], source: torch.Tensor
                 out = part.new_zeros(*part.shape[:2], height * scale, width * scale, dtype=store or part.dtype)
             if out.dtype == torch.float16 and part.dtype != torch.float16 and part.abs().max() > _FLOAT16_LIMIT:
                 out = out.float()
-            out[(..., *tile.window(scale))] += (part * tile.weights(scale).to(part)).to(out.dtype)
+            out[(..., *tile.window(scale))] += (part * tile.weights(scale, STAGE_MARGIN).to(part)).to(out.dtype)
     assert out is not None
-    out /= _weight_sum(tiles, height, width, scale).to(out)
+    out /= _weight_sum(tiles, height, width, scale, STAGE_MARGIN).to(out)
     return out
 
 
