@@ -363,6 +363,8 @@ def report(results: dict) -> None:
                 cells.append("–")
             elif r.get("not_run"):
                 cells.append(f"est. {r['estimate'] / GiB:.1f} GiB, not run")
+            elif "peak" in r and "estimate" in r:
+                cells.append(f"{r['peak'] / GiB:.2f} GiB (est. {r['estimate'] / GiB:.2f}; {r['seconds'] / 60:.1f} min)")
             elif "peak" in r:
                 cells.append(f"{r['peak'] / GiB:.2f} GiB ({r['seconds'] / 60:.1f} min)")
             else:

@@ -157,7 +157,7 @@ def test_vae_tiling_switch_round_trips(vae):
     with torch.no_grad():
         plain = vae.decode(z).sample
         vae.enable_tiling(16, 8)
-        assert vae.use_tiling and (vae.tile_size, vae.tile_overlap, vae.tile_group_norm) == (16, 8, "sampled")
+        assert vae.use_tiling and (vae.tile_size, vae.tile_overlap, vae.tile_group_norm) == (16, 8, "global")
         vae.enable_tiling(16, 8, "tile")  # one pass: cheaper, and enough to see the switch work
         tiled = vae.decode(z).sample
         small = vae.decode(z[..., :16, :16]).sample  # no larger than a tile: one pass
@@ -417,7 +417,7 @@ def _count_calls(monkeypatch, module, name):
     return calls
 
 
-def test_pipeline_tiles_on_request_and_auto_tiles_the_vae_only_above_512_px(tiny_pipe, monkeypatch):
+def test_pipeline_tiles_when_asked_or_when_the_budget_needs_it(tiny_pipe, monkeypatch):
     from latent_upscaler.models import vae as vae_module
 
     decodes = _count_calls(monkeypatch, vae_module, "tiled_decode")
@@ -429,16 +429,21 @@ def test_pipeline_tiles_on_request_and_auto_tiles_the_vae_only_above_512_px(tiny
         return tiny_pipe(prompt="a cat", image=image, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                          output_type="np", **kwargs).images
 
-    small_auto, small_none = run(24), run(24, max_memory=None)  # 384 px out: one pass either way
-    assert decodes == [] and (small_auto == small_none).all()
-    big_none = run(40, max_memory="none")
+    plain = run(40, max_memory=None)  # 640 px out
     assert decodes == [] and len(unet_calls) == 2
-    big_auto = run(40)  # 640 px out: the VAE in tiles of 256 px
+    assert (run(40) == plain).all() and decodes == []  # "auto" on this machine: room enough, one pass
+    vae_tiled = run(40, vae_tile_size=256)
     assert decodes == ["tiled_decode"] and len(unet_calls) == 2
-    assert big_auto.shape == big_none.shape and 0 < abs(big_auto - big_none).max() < 0.1
+    assert vae_tiled.shape == plain.shape and 0 < abs(vae_tiled - plain).max() < 0.1
     tiled_unet = run(40, max_memory=None, tile_size=384, tile_overlap=128)  # 80² latent → 48² tiles
     assert decodes == [] and len(unet_calls) == 2 * 4
-    assert 0 < abs(tiled_unet - big_none).mean() < 0.1
+    assert 0 < abs(tiled_unet - plain).mean() < 0.1
+    arch = memory.Architecture.of(tiny_pipe.unet, tiny_pipe.vae)
+    resident = memory.resident_bytes("cpu")
+    untiled = memory.estimate(arch, resident, 1, 2, (40, 40), False).peak
+    tight = int(0.97 * untiled / (1 - memory.BUDGET_MARGIN))  # below what one pass needs, above tiles
+    run(40, max_memory=tight)
+    assert decodes == ["tiled_decode"] or len(unet_calls) > 2
 
 
 def test_pipeline_budget_too_small_fails_before_any_work(tiny_pipe, monkeypatch):

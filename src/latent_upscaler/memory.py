@@ -60,12 +60,6 @@ TILE_EXTRA = 1.0
 IMAGE_COPIES = 5
 #: "auto" keeps this fraction of the available memory free, for what the estimate does not see
 AUTO_HEADROOM = 0.1
-#: "auto" also decodes (and encodes) images larger than this many pixels on a side in VAE tiles of
-#: at most AUTO_VAE_TILE latent pixels, whatever the free memory: the untiled VAE needs 7 copies of
-#: a 128-channel image (4 GiB at 1024 px), several times what the UNet needs, and its tiles cost
-#: little accuracy (README "Large images"); up to this size the VAE runs in one pass, as diffusers'
-AUTO_VAE_FROM = 512
-AUTO_VAE_TILE = 32
 #: a plan fits when its estimate is within this fraction of the budget below it
 BUDGET_MARGIN = 0.05
 
@@ -419,9 +413,7 @@ def plan_tiling(pipe, low_res: tuple, batch: int, copies: int, pixel_input: bool
     if unet_tile is None and budget is not None:
         unet_tile, _, _ = fit(unet_stage, [None] + [t for t in UNET_TILES if t < side])
     if vae_tile is None and budget is not None:
-        lean = max_memory == "auto" and side * scale > AUTO_VAE_FROM
-        vae_tile, _, _ = fit(vae_stage, ([] if lean else [None]) + [t for t in VAE_TILES if t < side
-                                                                       and (not lean or t <= AUTO_VAE_TILE)])
+        vae_tile, _, _ = fit(vae_stage, [None] + [t for t in VAE_TILES if t < side])
     unet_overlap = vae_overlap = 0
     if unet_tile is not None:
         unet_overlap = (_pixels_to_latent(overlap_px, unet_unit, scale, "tile_overlap", minimum=0)

@@ -248,9 +248,8 @@ class StableDiffusionLatentUpscalePipeline(PipelineSwitches):
                 step; ``callback_kwargs`` holds ``callback_on_step_end_tensor_inputs``; a returned
                 "latents" replaces the sampler's state.
             max_memory: the memory the call may use in all (weights included), in bytes or as "12GiB";
-                "auto": what the process holds plus 90 % of the device's free memory, and VAE tiles
-                for outputs larger than 512 px on a side (latent_upscaler.memory.AUTO_VAE_FROM);
-                None: no limit and no tiles unless sizes are given. The UNet and VAE run in the
+                "auto": what the process holds plus 90 % of the device's free memory; None: no limit
+                and no tiles unless sizes are given. The UNet and VAE run in the
                 largest tiles whose estimated peak fits (latent_upscaler.memory); a budget that even
                 the smallest tiles exceed raises MemoryBudgetError before any work.
             tile_size: UNet tiles, in output pixels (a multiple of 64): overrides the budget's choice.

@@ -306,7 +306,7 @@ def _group_norms(*modules: nn.Module) -> List[nn.GroupNorm]:
 
 
 #: how a tiled VAE's GroupNorm layers get their statistics (:func:`run_stage`)
-GROUP_NORM_MODES = ("sampled", "global", "tile")
+GROUP_NORM_MODES = ("global", "sampled", "tile")
 #: the "sampled" statistics are measured over about this fraction of the tiles per axis (all of
 #: them up to SAMPLED_ALL_UP_TO, else at least 2, at most SAMPLED_MAX_PER_AXIS): measuring a layer reruns the stage up to it on those tiles, so
 #: these passes cost about 3.5·(sampled/all)² of the pass that makes the output
@@ -348,7 +348,7 @@ _FLOAT16_LIMIT = 6.0e4
 
 
 def run_stage(body: Callable[[torch.Tensor], torch.Tensor], source: torch.Tensor, tiles: Sequence[Tile],
-              scale_in: int, norms: Sequence[nn.GroupNorm], group_norm: str = "sampled",
+              scale_in: int, norms: Sequence[nn.GroupNorm], group_norm: str = "global",
               dtype: Optional[torch.dtype] = None, store: Optional[torch.dtype] = None) -> torch.Tensor:
     """``body`` over the tiles of ``source`` (``scale_in`` pixels per plan pixel), blended.
 
@@ -403,7 +403,7 @@ def _checkpoint_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def tiled_decode(decoder: nn.Module, z: torch.Tensor, tile_size: int, overlap: int,
-                 group_norm: str = "sampled") -> torch.Tensor:
+                 group_norm: str = "global") -> torch.Tensor:
     """Our ``Decoder`` on latents ``z`` (B, C, h, w) in tiles of ``tile_size`` latent pixels.
 
     ``z``: unscaled latents after ``post_quant_conv``. conv_in, the mid-block (self-attention over
@@ -441,7 +441,7 @@ def tiled_decode(decoder: nn.Module, z: torch.Tensor, tile_size: int, overlap: i
 
 
 def tiled_encode(encoder: nn.Module, x: torch.Tensor, tile_size: int, overlap: int,
-                 group_norm: str = "sampled") -> torch.Tensor:
+                 group_norm: str = "global") -> torch.Tensor:
     """Our ``Encoder`` on pixels ``x`` (B, C, H, W), H and W multiples of 8, in tiles of
     ``tile_size`` latent pixels (8·tile_size pixels).
 

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g.add_argument("--max-memory", default=default["max_memory"], metavar="SIZE",
                    help="memory the upscale may use in all, weights included, e.g. 6GiB or 4000MB; 'auto' "
-                        "(default): 90%% of what is free, and VAE tiles above 512 px; 'none': no limit, no tiles. "
+                        "(default): what the process holds plus 90%% of what is free; 'none': no limit, no tiles. "
                         "The UNet and VAE run in the largest tiles that fit; an image that cannot fit fails "
                         "before any work, saying what would")
     g.add_argument("--tile-size", type=int, metavar="PX",

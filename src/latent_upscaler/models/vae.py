@@ -324,7 +324,7 @@ class AutoencoderKL(ModelBase):
         self.post_quant_conv = Conv2d(latent, latent, kernel_size=1) if config.use_post_quant_conv else None
         self.use_slicing = False  # encode/decode one image of a batch at a time
         self.use_tiling = False  # encode/decode large images in tiles (enable_tiling)
-        self.tile_size, self.tile_overlap, self.tile_group_norm = 64, 8, "sampled"  # set by enable_tiling
+        self.tile_size, self.tile_overlap, self.tile_group_norm = 64, 8, "global"  # set by enable_tiling
 
     @classmethod
     def convert_state_dict(cls, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -384,18 +384,19 @@ class AutoencoderKL(ModelBase):
     def disable_slicing(self) -> None:
         self.use_slicing = False
 
-    def enable_tiling(self, tile_size: int = 64, overlap: int = 8, group_norm: str = "sampled") -> None:
+    def enable_tiling(self, tile_size: int = 64, overlap: int = 8, group_norm: str = "global") -> None:
         """Encode and decode images larger than ``tile_size`` latent pixels (8× as many image pixels)
         in overlapping tiles blended with smooth weights: memory grows with the tile, not the image.
 
         ``overlap``: latent pixels shared by neighbouring tiles. ``group_norm``: how the GroupNorm
-        layers of the tiled blocks are normalised, the same way in every tile, so tiles cannot
-        differ in tone: "sampled" with statistics measured over an evenly spread subset of about 40 %
-        of the tiles' rows and columns (:func:`~latent_upscaler.tiling.spread_tiles`; about 1.5× the
-        work of one pass), "global" with the exact whole-image statistics (the same over every tile:
-        about 5× the work); or "tile" with each tile's own (one pass, as diffusers: tiles can differ
-        in tone). The mid-block's self-attention always sees the whole latent. See
-        :mod:`latent_upscaler.tiling`.
+        layers of the tiled blocks are normalised: "global" with the exact whole-image statistics,
+        the same in every tile, so tiles cannot differ in tone (a pass over the tiles per layer:
+        about 5× the work of one pass); "sampled" with statistics measured over an evenly spread
+        subset of the tiles (:func:`~latent_upscaler.tiling.spread_tiles`; exact up to 3 tiles per
+        axis, else about 1.5× the work, one tone for all tiles but an estimate of the image's:
+        README "Large images" measures how far off); "tile" with each tile's own (one pass, as
+        diffusers: tiles can differ in tone). The mid-block's self-attention always sees the whole
+        latent. See :mod:`latent_upscaler.tiling`.
         """
         if tile_size < 1 or not 0 <= overlap < tile_size:
             raise ValueError(f"tile_size {tile_size} and overlap {overlap} must satisfy 0 ≤ overlap < tile_size")
