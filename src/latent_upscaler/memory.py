@@ -38,6 +38,8 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from .models.ops import return_freed_memory
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -138,24 +140,9 @@ def _proc_status_kib(field: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if os.uname().sysname == "Darwin" else 1)
 
 
-def release_freed_memory() -> None:
-    """Hand memory that PyTorch has freed but the C allocator keeps back to the system (glibc's
-    ``malloc_trim``), so that the next stage starts from what is really in use; on the CPU the
-    UNet's per-upscale caches otherwise stay in the process through the VAE decode. A no-op where
-    there is no glibc."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
+#: hand memory PyTorch has freed but the C allocator keeps back to the system before a VAE stage, so
+#: that it starts from what is really in use (the UNet's per-upscale caches would otherwise stay)
+release_freed_memory = return_freed_memory
 
 
 def model_bytes(*models: torch.nn.Module) -> int:
