@@ -308,8 +308,9 @@ def _group_norms(*modules: nn.Module) -> List[nn.GroupNorm]:
 #: how a tiled VAE's GroupNorm layers get their statistics (:func:`run_stage`)
 GROUP_NORM_MODES = ("global", "sampled", "tile")
 #: the "sampled" statistics are measured over about this fraction of the tiles per axis (all of
-#: them up to SAMPLED_ALL_UP_TO, else at least 2, at most SAMPLED_MAX_PER_AXIS): measuring a layer reruns the stage up to it on those tiles, so
-#: these passes cost about 3.5·(sampled/all)² of the pass that makes the output
+#: them up to SAMPLED_ALL_UP_TO, else at least 2, at most SAMPLED_MAX_PER_AXIS): measuring a layer
+#: reruns the stage up to it on those tiles, so these passes cost about 3.5·(sampled/all)² of the
+#: pass that makes the output
 SAMPLED_FRACTION = 0.4
 SAMPLED_MAX_PER_AXIS = 4
 SAMPLED_ALL_UP_TO = 3
