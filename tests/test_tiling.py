@@ -421,6 +421,7 @@ def test_pipeline_tiles_when_asked_or_when_the_budget_needs_it(tiny_pipe, monkey
     from latent_upscaler.models import vae as vae_module
 
     decodes = _count_calls(monkeypatch, vae_module, "tiled_decode")
+    streamed = _count_calls(monkeypatch, vae_module, "streamed_decode")
     unet_calls = _count_calls(monkeypatch, tiny_pipe.unet, "forward")
 
     def run(latent_side, **kwargs):
@@ -431,6 +432,7 @@ def test_pipeline_tiles_when_asked_or_when_the_budget_needs_it(tiny_pipe, monkey
 
     plain = run(40, max_memory=None)  # 640 px out
     assert decodes == [] and len(unet_calls) == 2
+    assert len(streamed) == 1  # untiled, the VAE decodes outputs of 512² pixels and more in row bands
     assert (run(40) == plain).all() and decodes == []  # "auto" on this machine: room enough, one pass
     vae_tiled = run(40, vae_tile_size=256)
     assert decodes == ["tiled_decode"] and len(unet_calls) == 2
@@ -438,6 +440,8 @@ def test_pipeline_tiles_when_asked_or_when_the_budget_needs_it(tiny_pipe, monkey
     tiled_unet = run(40, max_memory=None, tile_size=384, tile_overlap=128)  # 80² latent → 48² tiles
     assert decodes == [] and len(unet_calls) == 2 * 4
     assert 0 < abs(tiled_unet - plain).mean() < 0.1
+    # a budget below what the one-pass decode needs (the streamed one would fit it: no tiles then)
+    monkeypatch.setattr(tiny_pipe.vae, "stream_min_pixels", None)
     arch = memory.Architecture.of(tiny_pipe.unet, tiny_pipe.vae)
     resident = memory.resident_bytes("cpu")
     untiled = memory.estimate(arch, resident, 1, 2, (40, 40), False).peak

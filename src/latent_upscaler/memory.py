@@ -13,6 +13,8 @@ full-resolution activation:
             (+ the bytes of the UNet's convolution weights for latents of at most PACK_MAX_AREA pixels)
     encode  ENCODE_BASE + ENCODE_LIVE · batch · H·W · vae.block_out_channels[0]           (input pixels)
     decode  DECODE_BASE + DECODE_LIVE · batch · H·W · vae.block_out_channels[0]           (output pixels)
+            (in row bands, latent_upscaler.streaming, as the VAE decodes large outputs on the CPU:
+            STREAM_LIVE copies instead of DECODE_LIVE, or the whole-latent mid-block if larger)
 
 (copies = 2 with classifier-free guidance), times the bytes per element of the models' dtype. Tiled,
 a stage's working set is that of one tile (plus one copy, for the GroupNorm statistics of its core),
@@ -55,6 +57,10 @@ UNET_LIVE, UNET_BASE = 11.0, 450 * 1024**2
 ENCODE_LIVE, ENCODE_BASE = 5.5, 370 * 1024**2
 DECODE_LIVE, DECODE_BASE = 7.1, 510 * 1024**2
 MID_LIVE = 7.6  # the VAE mid-block on the whole latent (tiled VAE), copies of a latent-resolution activation
+#: the streamed decode (latent_upscaler.streaming): its output-resolution activation, the chunks of the
+#: next one and the bands; VAE alone at 512–2048 px: 1.19 copies + 157 MiB (bench/memory.py stage
+#: --stage decode), rounded up, with DECODE_BASE for what the call's earlier stages leave
+STREAM_LIVE = 1.25
 #: a tile's extra copy: the GroupNorm statistics of its core are taken from a copy
 TILE_EXTRA = 1.0
 #: copies of the decoded image (float pixels, B × 3 × H × W) around the decode: the blended output, the
@@ -169,14 +175,20 @@ class Architecture:
     vae_out_channels: int  # image channels
     itemsize: int  # bytes per element of the models' dtype
     unet_conv_bytes: int = 0  # the UNet's convolution weights: packed copies of them for small latents
+    stream_min_pixels: Optional[int] = None  # the VAE decodes outputs of this many pixels in row bands (None: never)
 
     @classmethod
     def of(cls, unet, vae) -> "Architecture":
         dtype = next(unet.parameters()).dtype
         convs = sum(m.weight.numel() * m.weight.element_size() for m in unet.modules()
                     if isinstance(m, torch.nn.Conv2d))
+        from .streaming import hooked
+
+        param = next(vae.parameters())
+        streams = param.device.type == "cpu" and not hooked(vae.decoder)
         return cls(unet.config.block_out_channels[0], tuple(vae.config.block_out_channels), vae.config.out_channels,
-                   torch.empty((), dtype=dtype).element_size(), convs)
+                   torch.empty((), dtype=dtype).element_size(), convs,
+                   getattr(vae, "stream_min_pixels", None) if streams else None)
 
     @property
     def vae_width(self) -> int:  # channels at the pixel resolution
@@ -236,9 +248,13 @@ def decode_bytes(arch: Architecture, batch: int, height: int, width: int, tile: 
     checkpoints between them)."""
     s, item = arch.vae_scale, arch.itemsize
     image = IMAGE_COPIES * batch * 3 * height * width * 4
-    if tile is None or max(height, width) <= tile * s:
-        return int(max(DECODE_LIVE * batch * height * width * arch.vae_width * item, image)) + DECODE_BASE
     latent_px = batch * (height // s) * (width // s)
+    if tile is None or max(height, width) <= tile * s:
+        if arch.stream_min_pixels is not None and height * width >= arch.stream_min_pixels:
+            streamed = STREAM_LIVE * batch * height * width * arch.vae_width * item
+            whole = MID_LIVE * latent_px * arch.vae_deep_width * item
+            return int(max(streamed, whole, image)) + DECODE_BASE
+        return int(max(DECODE_LIVE * batch * height * width * arch.vae_width * item, image)) + DECODE_BASE
     widths = arch.vae_widths[::-1]  # latent resolution first
     # checkpoint after up block i: widths[i] channels at 2^i pixels per latent pixel (block 0: model dtype)
     ckpts = [latent_px * widths[0] * item] + [latent_px * w * 4 ** i * arch.checkpoint_itemsize

@@ -13,6 +13,7 @@ encoding and divides before decoding, as with diffusers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import ClassVar, Dict, List, Optional, Tuple, Union
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from ..configuration import ConfigError, ModelConfig
 from ..randomness import Generators, randn
+from ..streaming import STREAM_MIN_PIXELS, hooked, streamed_decode
 from ..tiling import check_group_norm, tiled_decode, tiled_encode
 from .base import ModelBase
 from .layers import SwitchableAttention, attention_layers, check_xformers
@@ -325,6 +327,9 @@ class AutoencoderKL(ModelBase):
         self.use_slicing = False  # encode/decode one image of a batch at a time
         self.use_tiling = False  # encode/decode large images in tiles (enable_tiling)
         self.tile_size, self.tile_overlap, self.tile_group_norm = 64, 8, "global"  # set by enable_tiling
+        # decode outputs of at least this many pixels in row bands (latent_upscaler.streaming: the same
+        # pixels, less memory, faster on the CPU); None: always in one pass
+        self.stream_min_pixels: Optional[int] = STREAM_MIN_PIXELS
 
     @classmethod
     def convert_state_dict(cls, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -360,8 +365,19 @@ class AutoencoderKL(ModelBase):
         self._check_channels(z, self.config.latent_channels, "latents", "unscaled VAE latents")
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        sample = self._per_image(self._tiled(tiled_decode, self.decoder, z.shape[-2:], 1), z)
+        network = self._tiled(tiled_decode, self.decoder, z.shape[-2:], 1)
+        if network is self.decoder and self.streams(z):
+            network = functools.partial(streamed_decode, self.decoder)
+        sample = self._per_image(network, z)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    def streams(self, z: torch.Tensor) -> bool:
+        """Whether an untiled decode of latents ``z`` runs in row bands (:mod:`latent_upscaler.streaming`):
+        on the CPU, without gradients, for outputs of at least ``stream_min_pixels`` pixels, and not
+        while hooks (CPU offload) wrap the decoder's layers, whose weights the bands read directly."""
+        pixels = z.shape[-2] * z.shape[-1] * self._scale**2
+        return (self.stream_min_pixels is not None and pixels >= self.stream_min_pixels and z.device.type == "cpu"
+                and not torch.is_grad_enabled() and not hooked(self.decoder))
 
     def forward(
         self,
