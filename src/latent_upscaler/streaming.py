@@ -59,7 +59,7 @@ class Rows:
     def of(cls, x: torch.Tensor, chunk: int) -> "Rows":
         rows = cls(*x.shape, chunk=chunk, like=x)
         for i in range(len(rows.chunks)):
-            rows.chunks[i] = x[:, :, i * rows.chunk:(i + 1) * rows.chunk].contiguous(memory_format=torch.channels_last)
+            rows.put(i, x[:, :, i * rows.chunk:(i + 1) * rows.chunk])
         return rows
 
     @property
@@ -74,7 +74,12 @@ class Rows:
         return [(i * self.chunk, min((i + 1) * self.chunk, self.height)) for i in range(len(self.chunks))]
 
     def put(self, index: int, values: torch.Tensor) -> None:
-        self.chunks[index] = values.contiguous(memory_format=torch.channels_last)
+        """Keep ``values`` as chunk ``index``, in memory of its own (a view would keep what it views
+        alive until every chunk is dropped)."""
+        values = values.contiguous(memory_format=torch.channels_last)
+        if values.untyped_storage().nbytes() > values.numel() * values.element_size():
+            values = values.clone(memory_format=torch.channels_last)
+        self.chunks[index] = values
 
     def get(self, a: int, b: int) -> torch.Tensor:
         """Rows [a, b), zeros for rows outside [0, H) (the convolutions' padding)."""
@@ -103,9 +108,15 @@ class Rows:
         return out
 
     def drop_before(self, row: int) -> None:
-        """Free every chunk that lies wholly above ``row``."""
+        """Free every chunk that lies wholly above ``row``, and hand the memory back to the system:
+        chunks and bands of other sizes would otherwise leave holes in the C heap that count in the
+        resident set (at 1024 px, 0.12 GiB of the decode's peak for 10 % of its time)."""
+        dropped = False
         for i in range(min(row // self.chunk, len(self.chunks))):
+            dropped = dropped or self.chunks[i] is not None
             self.chunks[i] = None
+        if dropped:
+            return_freed_memory()
 
     def whole(self) -> torch.Tensor:
         return torch.cat([c for c in self.chunks], dim=2)
@@ -437,7 +448,6 @@ def streamed_decode(decoder: nn.Module, z: torch.Tensor, bound: Optional[int] = 
         for resnet in block.resnets:
             x = resnet_segment(resnet, x, upsampler, bound, log)
             upsampler = None
-            return_freed_memory()  # the input's chunks, freed into the C heap, back to the system
         upsampler = block.upsamplers[0] if block.upsamplers is not None else None
     if upsampler is not None:  # an upsampler after the last block (not in SD's VAEs)
         shape = (x.shape[0], x.shape[1], 2 * x.height, 2 * x.shape[3])
