@@ -14,9 +14,10 @@ band reads them, so a segment's input shrinks while its output grows. The decode
 activation of the full output resolution at a time (the last up block's: ``vae.block_out_channels[0]``
 channels), where the one-pass decoder holds about seven, plus bands. A segment's intermediate (the
 upsampled input, the resnet's inner activation) is kept when that fits within the same bound and
-computed again, band by band, in the pass that needs it otherwise: the price of the bound is about
-35 % more convolution work at 1024 px output. Bands run channels-last, which the CPU convolves
-faster than the NCHW the one-pass decoder uses.
+computed again, band by band, in the pass that needs it otherwise. Upsamplers run at their input's
+resolution as four 2×2 convolutions, one per output phase (:func:`upsample_rows`), and bands run
+channels-last, which the CPU convolves faster than the NCHW the one-pass decoder uses: together that
+pays for the recomputation (bench/streaming.py: the one-pass decode's time at 512–1024 px).
 
 The mid-block (self-attention over every latent position) and ``conv_in`` run on the whole latent.
 """
@@ -104,22 +105,19 @@ class Rows:
                 raise RuntimeError(f"rows {a}..{b} read after they were dropped")
             start = i * self.chunk
             lo, hi = max(a, start), min(b, start + chunk.shape[2])
-            torch.addcmul(shift, chunk[:, :, lo - start:hi - start], scale, out=out[:, :, lo - a:hi - a])
+            torch.addcmul(shift, chunk[:, :, lo - start:hi - start], scale, out=out[:, :, lo - a:hi - a])  # float32 math
         return out
 
     def drop_before(self, row: int) -> None:
         """Free every chunk that lies wholly above ``row``, and hand the memory back to the system:
         chunks and bands of other sizes would otherwise leave holes in the C heap that count in the
-        resident set (at 1024 px, 0.12 GiB of the decode's peak for 10 % of its time)."""
+        resident set (at 1024 px, 0.1 GiB of the decode's peak, for 8 % of its time)."""
         dropped = False
         for i in range(min(row // self.chunk, len(self.chunks))):
             dropped = dropped or self.chunks[i] is not None
             self.chunks[i] = None
         if dropped:
             return_freed_memory()
-
-    def whole(self) -> torch.Tensor:
-        return torch.cat([c for c in self.chunks], dim=2)
 
 
 def _nbytes(shape, dtype) -> int:
@@ -231,7 +229,8 @@ def norm_act_rows(norm: nn.GroupNorm, stats: "GroupStats", act: Callable[[torch.
     def fn(a: int, b: int) -> torch.Tensor:
         if isinstance(source, Rows):
             return act(source.get_affine(a, b, scale, shift))
-        return act(source(a, b).mul_(scale).add_(shift))
+        x = source(a, b)
+        return act(torch.addcmul(shift, x, scale, out=x))  # in float32, one rounding to x's dtype
 
     return _valid(fn, height, (like.shape[0], norm.num_channels, like.shape[3]), like)
 
@@ -251,6 +250,8 @@ class GroupStats:
         b, c, h, w = x.shape
         per_group = c // self.groups
         x = x.detach()
+        if x.dtype not in (torch.float32, torch.float64):  # moments of half-precision values in float32
+            x, disposable = x.float(), True
         # per channel (fast reductions over the rows of a channels-last band), then per group, in float64
         mean_c = x.sum(dim=(2, 3), dtype=torch.float32) / (h * w)
         centred = x.sub_(mean_c.to(x.dtype)[:, :, None, None]) if disposable else x - mean_c.to(x.dtype)[:, :, None, None]
@@ -280,8 +281,9 @@ class GroupStats:
         bias = norm.bias.double() if norm.bias is not None else torch.zeros_like(rstd_c[0])
         scale = rstd_c * weight
         shift = bias - mean_c * scale
-        dtype = norm.weight.dtype if norm.weight is not None else torch.float32
-        return scale.to(dtype)[:, :, None, None], shift.to(dtype)[:, :, None, None]
+        # float32 whatever the model's dtype: half-precision bands are normalised in float32, as torch's
+        # GroupNorm does, and rounded once
+        return scale.float()[:, :, None, None], shift.float()[:, :, None, None]
 
 
 # --------------------------------------------------------------------------------------------------

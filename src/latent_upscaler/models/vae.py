@@ -328,7 +328,7 @@ class AutoencoderKL(ModelBase):
         self.use_tiling = False  # encode/decode large images in tiles (enable_tiling)
         self.tile_size, self.tile_overlap, self.tile_group_norm = 64, 8, "global"  # set by enable_tiling
         # decode outputs of at least this many pixels in row bands (latent_upscaler.streaming: the same
-        # pixels, less memory, faster on the CPU); None: always in one pass
+        # pixels, less memory, the same time on the CPU); None: always in one pass
         self.stream_min_pixels: Optional[int] = STREAM_MIN_PIXELS
 
     @classmethod
