@@ -58,8 +58,9 @@ ENCODE_LIVE, ENCODE_BASE = 5.5, 370 * 1024**2
 DECODE_LIVE, DECODE_BASE = 7.1, 510 * 1024**2
 MID_LIVE = 7.6  # the VAE mid-block on the whole latent (tiled VAE), copies of a latent-resolution activation
 #: the streamed decode (latent_upscaler.streaming): its output-resolution activation, the chunks of the
-#: next one and the bands; VAE alone at 512–2048 px: 1.19 copies + 157 MiB (bench/memory.py stage
-#: --stage decode), rounded up, with DECODE_BASE for what the call's earlier stages leave
+#: next one and the bands; the VAE alone grows by 0.25, 0.66 and 2.26 GiB at 512, 1024 and 2048 px
+#: (bench/streaming.py: 1.04 copies + 0.13 GiB above 1024 px), rounded up, with DECODE_BASE for what
+#: the call's earlier stages leave
 STREAM_LIVE = 1.25
 #: a tile's extra copy: the GroupNorm statistics of its core are taken from a copy
 TILE_EXTRA = 1.0
@@ -318,7 +319,7 @@ VAE_OVERLAP = 8
 
 @dataclasses.dataclass
 class TilingPlan:
-    """How an upscale runs: ``unet_tile``/``vae_tile`` in latent pixels (None: one pass), their
+    """How an upscale runs: ``unet_tile``/``vae_tile`` in latent pixels (None: untiled), their
     overlaps, and the estimate that chose them (``budget`` None: no limit was set)."""
 
     unet_tile: Optional[int]
@@ -356,8 +357,8 @@ class TilingPlan:
         return context()
 
     def __str__(self) -> str:
-        unet = "one pass" if self.unet_tile is None else f"tiles of {self.unet_tile} (overlap {self.unet_overlap})"
-        vae = "one pass" if self.vae_tile is None else f"tiles of {self.vae_tile} (overlap {self.vae_overlap})"
+        unet = "untiled" if self.unet_tile is None else f"tiles of {self.unet_tile} (overlap {self.unet_overlap})"
+        vae = "untiled" if self.vae_tile is None else f"tiles of {self.vae_tile} (overlap {self.vae_overlap})"
         budget = "no limit" if self.budget is None else format_bytes(self.budget)
         return f"UNet {unet}, VAE {vae} latent pixels; estimated peak {self.estimate}; budget {budget}"
 
