@@ -105,7 +105,8 @@ class Rows:
                 raise RuntimeError(f"rows {a}..{b} read after they were dropped")
             start = i * self.chunk
             lo, hi = max(a, start), min(b, start + chunk.shape[2])
-            torch.addcmul(shift, chunk[:, :, lo - start:hi - start], scale, out=out[:, :, lo - a:hi - a])  # float32 math
+            # in float32 (scale and shift are), one rounding to the activation's dtype
+            torch.addcmul(shift, chunk[:, :, lo - start:hi - start], scale, out=out[:, :, lo - a:hi - a])
         return out
 
     def drop_before(self, row: int) -> None:
@@ -254,7 +255,8 @@ class GroupStats:
             x, disposable = x.float(), True
         # per channel (fast reductions over the rows of a channels-last band), then per group, in float64
         mean_c = x.sum(dim=(2, 3), dtype=torch.float32) / (h * w)
-        centred = x.sub_(mean_c.to(x.dtype)[:, :, None, None]) if disposable else x - mean_c.to(x.dtype)[:, :, None, None]
+        mean_x = mean_c.to(x.dtype)[:, :, None, None]
+        centred = x.sub_(mean_x) if disposable else x - mean_x
         m2_c = centred.mul_(centred).sum(dim=(2, 3), dtype=torch.float32).double()
         mean_c = mean_c.double().reshape(b, self.groups, per_group)
         mean = mean_c.mean(dim=2)
@@ -330,11 +332,9 @@ def resnet_segment(resnet: nn.Module, x: Rows, upsampler: Optional[nn.Module], b
     schedule chosen, (upsampled input: "none", "kept" or "recomputed"; inner activation: "kept",
     "kept with the shortcut" or "recomputed")."""
     batch, in_ch, in_h, width = x.shape
-    like = x.get(0, 1)
     scale = 2 if upsampler is not None else 1
     height, width = in_h * scale, width * scale
-    like = like[:, :, :0]
-    like_out = torch.empty(batch, 1, 0, width, dtype=x.dtype, device=x.device)
+    like = torch.empty(batch, 1, 0, width, dtype=x.dtype, device=x.device)  # batch, width, dtype
     out_ch = resnet.conv1.out_channels
     itemsize = like.element_size()
     band = _band_rows(batch, max(in_ch, out_ch), width, itemsize, height)
@@ -346,15 +346,15 @@ def resnet_segment(resnet: nn.Module, x: Rows, upsampler: Optional[nn.Module], b
     if upsampler is None:
         u_rows = x
     elif _nbytes(u_shape, x.dtype) <= bound * KEEP_SLACK:
-        u_rows = _materialize(upsample_rows(upsampler.conv, x.get, height, like_out), u_shape, band, like,
+        u_rows = _materialize(upsample_rows(upsampler.conv, x.get, height, like), u_shape, band, like,
                               release=lambda row: x.drop_before(row // 2 - 1))
-    u_fn: RowFn = u_rows.get if u_rows is not None else upsample_rows(upsampler.conv, x.get, height, like_out)
+    u_fn: RowFn = u_rows.get if u_rows is not None else upsample_rows(upsampler.conv, x.get, height, like)
     u_stored = u_rows is not None
     stats1 = _measure(u_fn, height, band, resnet.norm1, u_stored)
     source_bytes = u_rows.nbytes if u_rows is not None else x.nbytes
     act = resnet.nonlinearity_
     h_fn = conv_rows(resnet.conv1, norm_act_rows(resnet.norm1, stats1, act, u_rows if u_stored else u_fn, height,
-                                                 like_out), height, like_out)
+                                                 like), height, like)
 
     # the resnet's inner activation: kept when it fits beside the input, else made again for the output
     h_bytes = _nbytes(h_shape, x.dtype)
@@ -378,8 +378,8 @@ def resnet_segment(resnet: nn.Module, x: Rows, upsampler: Optional[nn.Module], b
     else:
         stats2 = _measure(h_fn, height, band, resnet.norm2, False)
     inner: Union[RowFn, Rows] = h_rows if h_rows is not None else h_fn
-    residual = conv_rows(resnet.conv2, norm_act_rows(resnet.norm2, stats2, act, inner, height, like_out), height,
-                         like_out)
+    residual = conv_rows(resnet.conv2, norm_act_rows(resnet.norm2, stats2, act, inner, height, like), height,
+                         like)
 
     if log is not None:
         log.append(("none" if upsampler is None else "kept" if u_rows is not None else "recomputed",
