@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models.ops import return_freed_memory, runs_channels_last
-from .tiling import whole_mid_block
+from .tiling import merge_moments, whole_mid_block
 
 #: bands are about this many bytes of the widest activation a segment makes (at least MIN_BAND rows):
 #: smaller bands recompute more context rows, larger ones hold more memory
@@ -262,15 +262,10 @@ class GroupStats:
         mean = mean_c.mean(dim=2)
         m2 = (m2_c.reshape(b, self.groups, per_group).sum(dim=2)
               + ((mean_c - mean[:, :, None]) ** 2).sum(dim=2) * (h * w))
-        count = h * w * per_group
-        if self.mean is None:
-            self.count, self.mean, self.m2 = count, mean, m2
-            return
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta**2 * (self.count * count / total)
-        self.count = total
+        moments = (h * w * per_group, mean, m2)
+        if self.mean is not None:
+            moments = merge_moments((self.count, self.mean, self.m2), moments)
+        self.count, self.mean, self.m2 = moments
 
     def affine(self, norm: nn.GroupNorm) -> Tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift), each (B, C, 1, 1): ``norm(x) == x * scale + shift`` with these statistics."""

@@ -266,13 +266,19 @@ class WholeImageGroupNorm:
         return _normalize(norm, x, mean, m2 / count)
 
     def _merge(self, i: int, count: int, mean: torch.Tensor, var: torch.Tensor) -> None:
-        m2 = var * count
-        if i in self.stats:  # Chan, Golub & LeVeque (1979)
-            n0, mean0, m20 = self.stats[i]
-            total = n0 + count
-            delta = mean - mean0
-            mean, m2, count = mean0 + delta * (count / total), m20 + m2 + delta**2 * (n0 * count / total), total
-        self.stats[i] = (count, mean, m2)
+        moments = (count, mean, var * count)
+        self.stats[i] = merge_moments(self.stats[i], moments) if i in self.stats else moments
+
+
+def merge_moments(first: Tuple[int, torch.Tensor, torch.Tensor],
+                  second: Tuple[int, torch.Tensor, torch.Tensor]) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """(count, mean, M2) of two disjoint sets of values merged (Chan, Golub & LeVeque 1979): M2 is the
+    sum of squared deviations from the mean."""
+    n0, mean0, m20 = first
+    n1, mean1, m21 = second
+    total = n0 + n1
+    delta = mean1 - mean0
+    return total, mean0 + delta * (n1 / total), m20 + m21 + delta**2 * (n0 * n1 / total)
 
 
 def _core_statistics(norm: nn.GroupNorm, x: torch.Tensor, tile: Tile) -> Tuple[int, torch.Tensor, torch.Tensor]:
